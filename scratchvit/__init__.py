@@ -1,0 +1,6 @@
+"""scratchvit: a Vision Transformer from scratch in NumPy (CPU) and CuPy (GPU), every backward pass by hand."""
+from .backend import get_backend
+from .vit import ViT
+
+__version__ = "0.1.0"
+__all__ = ["ViT", "get_backend", "__version__"]

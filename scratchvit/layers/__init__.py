@@ -1,0 +1,26 @@
+"""The layers of a Vision Transformer, each with a hand-written forward and backward pass.
+
+| layer                    | file                         |
+|--------------------------|------------------------------|
+| Parameter, Layer (base)  | layer.py                     |
+| Patchify                 | patchify.py                  |
+| Linear                   | linear.py                    |
+| LayerNorm                | layernorm.py                 |
+| GELU                     | gelu.py                      |
+| Dropout                  | dropout.py                   |
+| softmax (shared)         | softmax.py                   |
+| MultiHeadSelfAttention   | attention.py                 |
+| SoftmaxCrossEntropy      | softmax_cross_entropy.py     |
+"""
+from .layer import Layer, Parameter
+from .patchify import Patchify
+from .linear import Linear
+from .layernorm import LayerNorm
+from .gelu import GELU
+from .dropout import Dropout
+from .softmax import softmax, softmax_backward, softmax_simple
+from .attention import MultiHeadSelfAttention
+from .softmax_cross_entropy import SoftmaxCrossEntropy
+
+__all__ = ["Layer", "Parameter", "Patchify", "Linear", "LayerNorm", "GELU", "Dropout",
+           "MultiHeadSelfAttention", "SoftmaxCrossEntropy", "softmax", "softmax_backward", "softmax_simple"]

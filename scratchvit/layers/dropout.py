@@ -1,0 +1,55 @@
+"""Dropout, inverted: in training, zero each element with probability p and scale the survivors.
+
+Forward (training, 0 < p < 1), elementwise:
+    keep ~ Bernoulli(1 - p)                   one draw per element, from the layer's generator
+    mask = keep / (1 - p)                     so E[mask] = 1 and E[y] = x: no rescaling at test time
+    y = x * mask
+Forward (eval mode, or p = 0): y = x, the identity.
+
+Backward: y is linear in x with the fixed coefficients `mask`, so
+    dL/dx = dL/dy * mask                      (and dL/dx = dL/dy in eval mode)
+
+Random state: the generator lives on the input's device (NumPy or CuPy), seeded by `seed`, and is
+created at the first forward. For gradient checks, `fix_mask()` makes later forwards reuse the
+current mask, so the function being differentiated stays the same; `release_mask()` undoes it.
+"""
+from .layer import Layer
+from ..backend import get_array_module, random_generator
+
+
+class Dropout(Layer):
+    def __init__(self, p, *, seed=0):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.seed = seed
+        self.generator = None     # created on the input's device at the first forward
+        self.generator_xp = None  # the array module the generator draws on
+        self.mask_fixed = False
+        self.mask = None          # keep / (1 - p), used later in backward
+
+    def fix_mask(self):
+        """Reuse the current mask (drawn at the next forward if there is none) until release_mask()."""
+        self.mask_fixed = True
+
+    def release_mask(self):
+        self.mask_fixed = False
+
+    def active(self):
+        return self.training and self.p > 0.0
+
+    def forward(self, x):
+        if not self.active():
+            return x
+        if not (self.mask_fixed and self.mask is not None and self.mask.shape == x.shape):
+            xp = get_array_module(x)
+            if self.generator_xp is not xp:
+                self.generator, self.generator_xp = random_generator(xp, self.seed), xp
+            keep = self.generator.random(x.shape, dtype=x.dtype) >= self.p
+            self.mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
+        return x * self.mask
+
+    def backward(self, grad_out):
+        if not self.active():
+            return grad_out
+        return grad_out * self.mask

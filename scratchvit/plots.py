@@ -1,0 +1,82 @@
+"""PNG plots of a training run: loss and accuracy curves, and where the CLS token looks.
+
+Attention rollout (Abnar & Zuidema, 2020): each layer's attention, averaged over heads, plus the
+identity for the residual connection and renormalised, A_l = normalise(mean_heads(attn_l) + I),
+multiplied through the layers, R = A_L ... A_1. Row 0 of R (the CLS token) over the patch tokens,
+reshaped to the patch grid (7x7 for 28x28 images and patch 4), shows which parts of the image the
+classification draws on.
+
+matplotlib is an optional extra (`pip install "scratchvit[plot]"`); nothing else here needs it.
+"""
+from pathlib import Path
+
+from .backend import get_array_module, host, to_host
+
+MATPLOTLIB_HINT = 'the plots need matplotlib: pip install "scratchvit[plot]" (or pip install matplotlib)'
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(f"--plot: {MATPLOTLIB_HINT}") from None
+    matplotlib.use("Agg")
+
+
+def attention_rollout(model, images):
+    """(B, grid, grid) host array: the rolled-out attention of the CLS token over the patch grid."""
+    was_training = model.training
+    model.eval()
+    logits = model.forward(images)
+    model.train(was_training)
+    xp = get_array_module(logits)
+    rollout = None
+    for block in model.blocks:
+        attention = block.attn.attn.mean(axis=1)                              # (B, T, T), heads averaged
+        attention = attention + xp.eye(attention.shape[-1], dtype=attention.dtype)
+        attention /= attention.sum(axis=-1, keepdims=True)
+        rollout = attention if rollout is None else attention @ rollout
+    cls_to_patches = to_host(rollout[:, 0, 1:])                               # (B, N)
+    grid = int(round(cls_to_patches.shape[1] ** 0.5))
+    return cls_to_patches.reshape(-1, grid, grid), to_host(logits.argmax(axis=1))
+
+
+def write_plots(out_dir, model, test_images, test_labels, history, count=16):
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    paths = []
+
+    epochs = [record["epoch"] for record in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(epochs, [record["train_loss"] for record in history], marker="o")
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    accuracy_axes.plot(epochs, [100 * record["test_accuracy"] for record in history], marker="o", color="tab:green")
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    figure.tight_layout()
+    paths.append(out_dir / "curves.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+
+    images = test_images[:count]
+    maps, predictions = attention_rollout(model, images)
+    pixels, labels = to_host(images)[:, 0], to_host(test_labels[:count])
+    columns = 8
+    rows = (len(maps) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows))
+    for index, axes_one in enumerate(host.ravel(axes)):
+        axes_one.axis("off")
+        if index >= len(maps):
+            continue
+        size = pixels[index].shape[0]
+        axes_one.imshow(pixels[index], cmap="gray")
+        axes_one.imshow(maps[index], cmap="inferno", alpha=0.55, extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+                        interpolation="bilinear")
+        axes_one.set_title(f"true {labels[index]}, pred {predictions[index]}",
+                           color="black" if labels[index] == predictions[index] else "red", fontsize=9)
+    figure.suptitle("Attention rollout: where the CLS token looks")
+    figure.tight_layout()
+    paths.append(out_dir / "attention.png")
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    return paths

@@ -1,0 +1,400 @@
+"""Training a ViT on MNIST: the loop behind `train_mnist.py`, usable from Python as `run(TrainConfig(...))`.
+
+One training step (`TrainStep`): zero the gradients, forward, softmax cross-entropy, backward,
+clip the global gradient norm, AdamW. The loss stays on the device and is read every
+`LOSS_READ_INTERVAL` steps, so a GPU step queues work without waiting for it.
+
+Around it (`run`):
+- the data set is uploaded to the device once; each batch is gathered there and shifted by up to
+  ±2 pixels (`random_shift`), batched;
+- AdamW with decoupled weight decay on the weight matrices only (not biases, LayerNorm
+  parameters, the CLS token or the position embeddings), a linear warmup then cosine decay of
+  the learning rate, updated every step;
+- after every epoch: test accuracy in eval mode, one JSON line in OUT/metrics.jsonl, and a
+  checkpoint written atomically to OUT/checkpoint.npz (model, optimiser, random state, epoch,
+  configuration);
+- randomness: the shuffle, the shifts and dropout of epoch e draw from generators seeded by
+  (seed, e), and a checkpoint saves the generators' states (on the CPU), so a resumed run repeats
+  an uninterrupted one exactly, even from a checkpoint written by Ctrl-C in the middle of an epoch;
+- a non-finite loss stops the run with `NonFiniteLoss` before any checkpoint is written, so the
+  last good checkpoint survives.
+"""
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .backend import get_array_module, get_backend, host, host_generator, random_generator
+from .data import DataError, load_mnist, normalize, random_shift
+from .layers import SoftmaxCrossEntropy
+from .optim import AdamW, warmup_cosine
+from .vit import ViT
+
+LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
+MODEL_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "dropout")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    device: str = "cpu"
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    patch_size: int = 4
+    dim: int = 64
+    depth: int = 6
+    heads: int = 4
+    mlp_dim: int = 128
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    clip_grad_norm: float = 1.0
+    max_shift: int = 2
+    data_dir: str = None
+    out_dir: str = "runs/mnist"
+    train_limit: int = None
+    eval_batch_size: int = 1000
+    resume: bool = False
+    plot: bool = False
+
+    def model_config(self, image_size, channels=1, num_classes=10):
+        return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
+                    depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim, channels=channels,
+                    dropout=self.dropout, emb_dropout=0.0)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to another configuration."""
+
+
+# ------------------------------------------------------------------------------------------------
+# the training step
+
+def parameter_groups(model, weight_decay):
+    """Weight decay on the weight matrices (2-D), none on biases, LayerNorm, cls_token, pos_embedding."""
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        (decayed if name.endswith(".weight") and parameter.data.ndim == 2 else not_decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+
+
+class TrainStep:
+    """forward, loss, backward, gradient clipping, AdamW: one call per batch. Returns the loss (0-d, on the device)."""
+
+    def __init__(self, model, optimizer, loss_fn, clip_grad_norm=None):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.clip_grad_norm = clip_grad_norm
+
+    def __call__(self, images, labels):
+        self.optimizer.zero_grad()
+        loss = self.loss_fn.forward(self.model.forward(images), labels)
+        self.model.backward(self.loss_fn.backward())
+        if self.clip_grad_norm:
+            self.optimizer.clip_grad_norm(self.clip_grad_norm)
+        self.optimizer.step()
+        return loss
+
+
+def evaluate(model, images, labels, batch_size=1000):
+    """Accuracy (a float in [0, 1]) of the model in eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        logits = model.forward(images[start:start + batch_size])
+        correct = correct + (logits.argmax(axis=1) == labels[start:start + batch_size]).sum()
+    model.train(was_training)
+    return float(correct) / images.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# randomness: everything an epoch draws comes from generators seeded by (seed, epoch)
+
+def epoch_seed(seed, epoch, stream):
+    """A distinct integer seed per (run seed, epoch, stream): NumPy and CuPy both take plain ints."""
+    return (seed * 1_000_003 + epoch * 101 + stream) % (2**63)
+
+
+class EpochRandomness:
+    """The generators one epoch draws from: the shuffle (host), the shifts and dropout (device)."""
+
+    def __init__(self, model, xp, seed, epoch):
+        self.shuffle = host_generator(epoch_seed(seed, epoch, 0))
+        self.shift = random_generator(xp, epoch_seed(seed, epoch, 1))
+        self.dropout_layers = model.dropout_layers()
+        for index, layer in enumerate(self.dropout_layers):
+            layer.generator, layer.generator_xp = random_generator(xp, epoch_seed(seed, epoch, 2 + index)), xp
+
+    def generators(self):
+        return [self.shift] + [layer.generator for layer in self.dropout_layers]
+
+    def state(self):
+        """The device generators' states where they can be saved (NumPy); None on CuPy."""
+        states = []
+        for generator in self.generators():
+            bit_generator = getattr(generator, "bit_generator", None)
+            states.append(getattr(bit_generator, "state", None))
+        return states
+
+    def restore(self, states):
+        for generator, state in zip(self.generators(), states):
+            if state is not None and hasattr(generator, "bit_generator"):
+                generator.bit_generator.state = state
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def atomic_write(path, data):
+    """Write bytes to path via a temporary file in the same folder and a rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, random_state, history):
+    arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    arrays["optimizer/exp_avg"] = optimizer_state["exp_avg"]
+    arrays["optimizer/exp_avg_sq"] = optimizer_state["exp_avg_sq"]
+    meta = dict(format="scratchvit-checkpoint-1", model_config=model.config, train_config=dataclasses.asdict(config),
+                epoch=epoch, step_in_epoch=step_in_epoch, optimizer_step=optimizer_state["step_count"],
+                optimizer_lr=optimizer_state["lr"], random_state=random_state, history=history)
+    arrays["meta"] = host.frombuffer(json.dumps(meta).encode(), dtype=host.uint8)
+    buffer = io.BytesIO()
+    host.savez(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path):
+    """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        with host.load(path, allow_pickle=False) as archive:
+            meta = json.loads(bytes(archive["meta"]).decode())
+            model_state = {key[len("model/"):]: archive[key] for key in archive.files if key.startswith("model/")}
+            optimizer_state = {key[len("optimizer/"):]: archive[key] for key in archive.files
+                               if key.startswith("optimizer/")}
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable scratchvit checkpoint ({type(error).__name__}: {error})") from None
+    if meta.get("format") != "scratchvit-checkpoint-1":
+        raise CheckpointError(f"{path}: not a scratchvit checkpoint")
+    return meta, model_state, optimizer_state
+
+
+def check_same_model(path, saved_config, model_config):
+    differences = [f"{key}={saved_config.get(key)!r} (this run: {value!r})"
+                   for key, value in model_config.items() if saved_config.get(key) != value]
+    if differences:
+        raise CheckpointError(f"{path}: checkpoint was made with another model configuration: "
+                              + ", ".join(differences) + "; pass the same model options")
+
+
+# ------------------------------------------------------------------------------------------------
+# progress display: tqdm when installed, else a line per epoch
+
+class Progress:
+    def __init__(self, total, description):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True) if tqdm else None
+
+    def update(self, steps, loss, images_per_second):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.0f}", refresh=False)
+            self.bar.update(steps)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+
+class StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so the
+    checkpoint it then writes never holds a half-applied optimiser step."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step, *, first_step, resume_state,
+                steps_per_epoch, total_steps, warmup_steps, checkpoint_path, history):
+    """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics."""
+    xp = get_array_module(data["train_images"])
+    randomness = EpochRandomness(model, xp, config.seed, epoch)
+    order = xp.asarray(randomness.shuffle.permutation(data["train_images"].shape[0]))
+    loss_sum = xp.zeros((), dtype=model.dtype)        # summed on the device, step by step, read now and then
+    if resume_state is not None:
+        randomness.restore(resume_state["generators"])
+        loss_sum += resume_state["loss_sum"]
+    progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}")
+    started = shown_at = time.perf_counter()
+    shown_sum, shown_step = float(loss_sum), first_step
+    for step in range(first_step, steps_per_epoch):
+        optimizer.lr = warmup_cosine(epoch * steps_per_epoch + step, total_steps=total_steps,
+                                     warmup_steps=warmup_steps, peak_lr=config.lr)
+        batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+        images = random_shift(data["train_images"][batch], config.max_shift, randomness.shift)
+        loss_sum += train_step(images, data["train_labels"][batch])
+        if on_step is not None:
+            on_step(epoch, step)
+        last_step = step == steps_per_epoch - 1
+        if (step + 1) % LOSS_READ_INTERVAL == 0 or last_step or interrupt.requested:
+            total = float(loss_sum)
+            if not math.isfinite(total):
+                progress.close()
+                raise NonFiniteLoss(
+                    f"the training loss became {total / (step + 1)} at epoch {epoch + 1}, step {step + 1}: stopped "
+                    f"without writing a checkpoint (the last good one, if any, is {checkpoint_path}); "
+                    f"try a lower --lr (now {config.lr})")
+            now = time.perf_counter()
+            progress.update(step + 1 - shown_step, (total - shown_sum) / (step + 1 - shown_step),
+                            (step + 1 - shown_step) * config.batch_size / (now - shown_at))
+            shown_sum, shown_step, shown_at = total, step + 1, now
+        if interrupt.requested and not last_step:
+            progress.close()
+            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch,
+                            step_in_epoch=step + 1, history=history,
+                            random_state=dict(generators=randomness.state(), loss_sum=float(loss_sum)))
+            raise KeyboardInterrupt(f"interrupted: checkpoint written to {checkpoint_path} "
+                                    f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size)
+    return dict(epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, test_accuracy=accuracy,
+                lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
+                images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
+
+
+def load_data(config, backend):
+    arrays = load_mnist(config.data_dir)
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if config.train_limit is not None:
+        if config.train_limit <= 0:
+            raise ValueError(f"train_limit must be a positive number of images, got {config.train_limit}")
+        train_images, train_labels = train_images[:config.train_limit], train_labels[:config.train_limit]
+    height, width = train_images.shape[1:]
+    if height != width:
+        raise DataError(f"images are {height}x{width}: this ViT needs square images")
+    num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+    return dict(train_images=normalize(train_images, backend), train_labels=backend.asarray(train_labels, dtype="int64"),
+                test_images=normalize(arrays["test_images"], backend),
+                test_labels=backend.asarray(arrays["test_labels"], dtype="int64"),
+                image_size=height, num_classes=max(num_classes, 10))
+
+
+def run(config, *, log=print, on_step=None):
+    """Train (or resume) as `config` says; returns the list of per-epoch metrics dicts.
+
+    `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
+    backend = get_backend(config.device)
+    xp = backend.xp
+    out_dir = Path(config.out_dir)
+    checkpoint_path = out_dir / "checkpoint.npz"
+    if config.plot:
+        from .plots import require_matplotlib
+        require_matplotlib()
+    data = load_data(config, backend)
+    model = ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
+    model.to(backend)
+    optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
+    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm)
+
+    train_count = data["train_images"].shape[0]
+    steps_per_epoch = math.ceil(train_count / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    # the warmup is capped at a tenth of the run, so a short run (--epochs 1) still decays its learning rate
+    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 10)
+
+    start_epoch, start_step, random_state, history = 0, 0, None, []
+    if config.resume:
+        meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
+        check_same_model(checkpoint_path, meta["model_config"], model.config)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"], lr=meta["optimizer_lr"]))
+        start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
+        random_state, history = meta["random_state"], meta["history"]
+        log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    if not config.resume:
+        metrics_path.write_text("")
+
+    model.train()
+    run_started = time.perf_counter()
+    with StopOnInterrupt() as interrupt:
+        for epoch in range(start_epoch, config.epochs):
+            resuming_here = epoch == start_epoch and start_step > 0
+            record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
+                                 first_step=start_step if resuming_here else 0,
+                                 resume_state=random_state if resuming_here else None,
+                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
+                                 checkpoint_path=checkpoint_path, history=history)
+            record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
+            history.append(record)
+            with open(metrics_path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch + 1,
+                            step_in_epoch=0, random_state=None, history=history)
+            log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  "
+                f"test accuracy {record['test_accuracy']:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s  "
+                f"({record['images_per_second']:.0f} img/s)")
+    if config.plot and history:
+        from .plots import write_plots
+        for path in write_plots(out_dir, model, data["test_images"], data["test_labels"], history):
+            log(f"wrote {path}")
+    log(f"done in {time.perf_counter() - run_started:.1f}s; metrics in {metrics_path}, checkpoint in {checkpoint_path}")
+    return history
+
+
+def evaluate_checkpoint(path, config, *, log=print):
+    """Test accuracy of a saved model; the checkpoint's model configuration must match `config`'s."""
+    backend = get_backend(config.device)
+    meta, model_state, _ = load_checkpoint(path)
+    data = load_data(config, backend)
+    model = ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
+    check_same_model(path, meta["model_config"], model.config)
+    model.load_state_dict(model_state)
+    model.to(backend)
+    accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size)
+    log(f"test accuracy {accuracy:.2%} ({path}, epoch {meta['epoch']})")
+    return accuracy

@@ -1,0 +1,164 @@
+"""The Vision Transformer: images in, class logits out.
+
+Shapes (B batch, C channels, image_size S, patch_size p, N = (S/p)^2 patches, T = N + 1 tokens,
+D = dim, K = num_classes):
+
+    images (B, C, S, S)
+    patches = Patchify(images)                   (B, N, p*p*C)
+    tokens  = patches @ W_embed + b_embed        (B, N, D)      the Linear `patch_embed`
+    x = [cls_token; tokens] + pos_embedding      (B, T, D)      cls_token (1, 1, D) repeated over the batch,
+                                                                pos_embedding (1, T, D) broadcast over it
+    x = Dropout(x)                               embedding dropout (emb_dropout)
+    x = EncoderBlock(x), depth times             (B, T, D)
+    cls = LayerNorm(x[:, 0])                     (B, D)         the final norm, on the CLS token only (LN
+                                                                acts per token, so this equals normalising
+                                                                every token and then taking the first)
+    logits = cls @ W_head + b_head               (B, K)
+
+Backward, in reverse:
+    g_cls = norm.backward(head.backward(g_logits))
+    g_x = zeros (B, T, D) with g_x[:, 0] = g_cls          only the CLS token reached the head
+    g_x = block.backward(g_x), last block first
+    g_x = emb_dropout.backward(g_x)
+    d pos_embedding = sum over the batch of g_x           it was broadcast over the batch
+    d cls_token     = sum over the batch of g_x[:, 0]     it was repeated over the batch
+    g_images = patchify.backward(patch_embed.backward(g_x[:, 1:]))
+
+Parameter names (`named_parameters()`, `state_dict()`), for depth blocks numbered from 0:
+    cls_token, pos_embedding, patch_embed.{weight,bias},
+    blocks.{i}.attn_norm.{weight,bias}, blocks.{i}.attn.qkv.{weight,bias}, blocks.{i}.attn.proj.{weight,bias},
+    blocks.{i}.mlp_norm.{weight,bias}, blocks.{i}.fc1.{weight,bias}, blocks.{i}.fc2.{weight,bias},
+    norm.{weight,bias}, head.{weight,bias}
+"""
+from .backend import get_array_module, get_backend, host, host_generator, to_host
+from .encoder_block import EncoderBlock
+from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
+
+POSITION_INIT_STD = 0.02   # cls_token and pos_embedding start as small Gaussian noise (as in timm's ViT)
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_probability(name, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class ViT(Layer):
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=1,
+                 dropout=0.0, emb_dropout=0.0, dtype="float32", seed=0):
+        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("num_classes", num_classes),
+                            ("dim", dim), ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim),
+                            ("channels", channels)):
+            _check_positive_int(name, value)
+        _check_probability("dropout", dropout)
+        _check_probability("emb_dropout", emb_dropout)
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        dtype = host.dtype(dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"dtype must be a floating-point type such as float32 or float64, got {dtype}")
+        self.config = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
+                           depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dropout=dropout,
+                           emb_dropout=emb_dropout)
+        self.dtype = dtype
+        num_patches = (image_size // patch_size) ** 2
+        rng = host_generator(seed)   # every weight is drawn on the host, so CPU and GPU start identical
+        dropout_seeds = rng.integers(0, 2**31, size=3 * depth + 1).tolist()
+
+        self.cls_token = Parameter((POSITION_INIT_STD * rng.standard_normal((1, 1, dim))).astype(dtype))
+        self.pos_embedding = Parameter((POSITION_INIT_STD * rng.standard_normal((1, num_patches + 1, dim))).astype(dtype))
+        self.patchify = Patchify(patch_size)
+        self.patch_embed = Linear(patch_size * patch_size * channels, dim, dtype=dtype, rng=rng)
+        self.emb_dropout = Dropout(emb_dropout, seed=dropout_seeds[-1])
+        self.blocks = [EncoderBlock(dim, heads, mlp_dim, dropout=dropout, dtype=dtype, rng=rng,
+                                    dropout_seeds=dropout_seeds[3 * i:3 * i + 3]) for i in range(depth)]
+        self.norm = LayerNorm(dim, dtype=dtype)
+        self.head = Linear(dim, num_classes, dtype=dtype, rng=rng)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, images):
+        xp = get_array_module(images)
+        config = self.config
+        expected = (config["channels"], config["image_size"], config["image_size"])
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"images must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+                             f"(channels, image_size, image_size), got {images.shape}")
+        if images.dtype != self.dtype:
+            images = images.astype(self.dtype)      # a float32 model stays float32, whatever the images are
+        B = images.shape[0]
+        tokens = self.patch_embed.forward(self.patchify.forward(images))          # (B, N, D)
+        N, D = tokens.shape[1], tokens.shape[2]
+        x = xp.empty((B, N + 1, D), dtype=tokens.dtype)
+        x[:, 0] = self.cls_token.data[0]                                           # CLS token, repeated over the batch
+        x[:, 1:] = tokens
+        x += self.pos_embedding.data                                               # broadcast over the batch
+        x = self.emb_dropout.forward(x)
+        for block in self.blocks:
+            x = block.forward(x)
+        cls = self.norm.forward(x[:, 0])                                           # (B, D)
+        return self.head.forward(cls)                                              # (B, K)
+
+    def backward(self, grad_logits):
+        xp = get_array_module(grad_logits)
+        # forward: logits = head(norm(x[:, 0]))
+        grad_cls = self.norm.backward(self.head.backward(grad_logits))            # (B, D)
+        B, D = grad_cls.shape
+        grad_x = xp.zeros((B, self.pos_embedding.shape[1], D), dtype=grad_cls.dtype)
+        grad_x[:, 0] = grad_cls
+        # forward: x = block(x), depth times
+        for block in reversed(self.blocks):
+            grad_x = block.backward(grad_x)
+        grad_x = self.emb_dropout.backward(grad_x)
+        # forward: x = [cls; tokens] + pos_embedding
+        self.pos_embedding.grad += grad_x.sum(axis=0, keepdims=True)
+        self.cls_token.grad += grad_x[:, :1].sum(axis=0, keepdims=True)
+        # forward: tokens = patch_embed(patchify(images))
+        return self.patchify.backward(self.patch_embed.backward(grad_x[:, 1:]))
+
+    # ----------------------------------------------------------------------------------------------
+    def to(self, device):
+        """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero gradients."""
+        backend = get_backend(device)
+        for parameter in self.parameters():
+            parameter.data = backend.asarray(parameter.data)
+        return self
+
+    def dropout_layers(self):
+        return [layer for layer in self.layers() if isinstance(layer, Dropout)]
+
+    def fix_dropout_masks(self):
+        """Make every dropout layer reuse its mask (for gradient checks with dropout on)."""
+        for layer in self.dropout_layers():
+            layer.fix_mask()
+
+    def release_dropout_masks(self):
+        for layer in self.dropout_layers():
+            layer.release_mask()
+
+    def state_dict(self):
+        """{name: NumPy copy of the parameter}, in named_parameters() order."""
+        return {name: to_host(parameter.data).copy() for name, parameter in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the parameters in place; every name must be present with its exact shape."""
+        parameters = dict(self.named_parameters())
+        unexpected = sorted(set(state) - set(parameters))
+        if unexpected:
+            raise KeyError(f"unexpected parameter {unexpected[0]!r} in the state dict "
+                           f"(this model has no parameter of that name)")
+        for name, parameter in parameters.items():
+            if name not in state:
+                raise KeyError(f"missing parameter {name!r} in the state dict")
+            value = state[name]
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise ValueError(f"shape mismatch for {name!r}: the state dict has {tuple(value.shape)}, "
+                                 f"the model expects {tuple(parameter.shape)}")
+        xp = get_array_module(self.head.weight.data)
+        for name, parameter in parameters.items():
+            parameter.data[...] = xp.asarray(state[name], dtype=parameter.data.dtype)

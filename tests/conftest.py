@@ -1,0 +1,38 @@
+"""Shared fixtures: the backend every test runs on, and the Hypothesis profiles.
+
+- `backend`: every test that takes it runs on NumPy ("cpu") and, where CuPy imports and sees a GPU,
+  on CuPy ("gpu") too; otherwise the GPU cases skip with the reason. They carry the `gpu` marker,
+  so `pytest -m "not gpu"` deselects them.
+- Hypothesis profiles: `ci` (fewer examples, used by .ci/run) and `dev` (more, the default),
+  chosen by the environment variable HYPOTHESIS_PROFILE.
+"""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from scratchvit.backend import BackendUnavailable, get_backend
+
+settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def _gpu_skip_reason():
+    try:
+        get_backend("gpu")
+    except BackendUnavailable as error:
+        return str(error)
+    return None
+
+
+GPU_SKIP_REASON = _gpu_skip_reason()
+
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def backend(request):
+    if request.param == "gpu" and GPU_SKIP_REASON:
+        pytest.skip(f"no GPU backend: {GPU_SKIP_REASON}")
+    return get_backend(request.param)

@@ -1,0 +1,81 @@
+"""Train scratchvit's ViT on MNIST: `python train_mnist.py` (CPU) or `python train_mnist.py --device gpu`.
+
+This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
+Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
+folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
+non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems
+and a diverged run, 130 after Ctrl-C (a checkpoint is written first).
+"""
+import argparse
+import dataclasses
+import sys
+
+from scratchvit.backend import BackendUnavailable
+from scratchvit.data import DataError
+from scratchvit.train import CheckpointError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
+
+
+def build_parser():
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description="Train a Vision Transformer on MNIST with scratchvit.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default=defaults.device)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm, help="0 disables clipping")
+    parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
+                        help="random shift augmentation in pixels (0 disables it)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    model = parser.add_argument_group("model")
+    model.add_argument("--patch-size", type=int, default=defaults.patch_size)
+    model.add_argument("--dim", type=int, default=defaults.dim)
+    model.add_argument("--depth", type=int, default=defaults.depth)
+    model.add_argument("--heads", type=int, default=defaults.heads)
+    model.add_argument("--mlp-dim", type=int, default=defaults.mlp_dim)
+    model.add_argument("--dropout", type=float, default=defaults.dropout)
+    parser.add_argument("--data-dir", default=defaults.data_dir,
+                        help="folder holding the four MNIST IDX files (.gz or not); default: download to the cache")
+    parser.add_argument("--out-dir", default=defaults.out_dir, help="where metrics.jsonl, checkpoint.npz and plots go")
+    parser.add_argument("--train-limit", type=int, default=defaults.train_limit,
+                        help="train on the first N training images only")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    parser.add_argument("--eval-only", action="store_true", help="print the test accuracy of --checkpoint and exit")
+    parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+    parser.add_argument("--plot", action="store_true", help="write loss/accuracy curves and attention maps (matplotlib)")
+    return parser
+
+
+def config_from_args(args):
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval-only needs --checkpoint PATH")
+    config = config_from_args(args)
+    try:
+        if args.eval_only:
+            evaluate_checkpoint(args.checkpoint, config)
+        else:
+            run(config)
+    except (BackendUnavailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, NonFiniteLoss) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        print(str(interrupt) or "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
