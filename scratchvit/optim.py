@@ -98,6 +98,8 @@ class AdamW:
 
     def clip_grad_norm(self, max_norm):
         """Scale all gradients so their global norm is at most max_norm; returns the norm before clipping."""
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm!r}")
         xp = get_array_module(self.grad)
         norm = self.grad_norm()
         self.grad *= xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(self.grad.dtype)

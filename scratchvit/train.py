@@ -28,6 +28,8 @@ import signal
 import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 from .backend import get_array_module, get_backend, host, host_generator, random_generator
@@ -37,7 +39,6 @@ from .optim import AdamW, warmup_cosine
 from .vit import ViT
 
 LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
-MODEL_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim", "dropout")
 
 
 @dataclasses.dataclass
@@ -64,6 +65,23 @@ class TrainConfig:
     eval_batch_size: int = 1000
     resume: bool = False
     plot: bool = False
+
+    def validate(self):
+        """ValueError naming the first option that cannot work (model options are checked by ViT itself)."""
+        positive = ("epochs", "batch_size", "eval_batch_size")
+        non_negative = ("weight_decay", "warmup_epochs", "clip_grad_norm", "max_shift")
+        for name in positive:
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     def model_config(self, image_size, channels=1, num_classes=10):
         return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
@@ -199,16 +217,19 @@ def load_checkpoint(path):
             model_state = {key[len("model/"):]: archive[key] for key in archive.files if key.startswith("model/")}
             optimizer_state = {key[len("optimizer/"):]: archive[key] for key in archive.files
                                if key.startswith("optimizer/")}
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise CheckpointError(f"{path}: not a readable scratchvit checkpoint ({type(error).__name__}: {error})") from None
     if meta.get("format") != "scratchvit-checkpoint-1":
         raise CheckpointError(f"{path}: not a scratchvit checkpoint")
     return meta, model_state, optimizer_state
 
 
+REGULARISATION_OPTIONS = ("dropout", "emb_dropout")   # change training, not the shapes of the weights
+
+
 def check_same_model(path, saved_config, model_config):
-    differences = [f"{key}={saved_config.get(key)!r} (this run: {value!r})"
-                   for key, value in model_config.items() if saved_config.get(key) != value]
+    differences = [f"{key}={saved_config.get(key)!r} (this run: {value!r})" for key, value in model_config.items()
+                   if key not in REGULARISATION_OPTIONS and saved_config.get(key) != value]
     if differences:
         raise CheckpointError(f"{path}: checkpoint was made with another model configuration: "
                               + ", ".join(differences) + "; pass the same model options")
@@ -309,8 +330,6 @@ def load_data(config, backend):
     arrays = load_mnist(config.data_dir)
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
     if config.train_limit is not None:
-        if config.train_limit <= 0:
-            raise ValueError(f"train_limit must be a positive number of images, got {config.train_limit}")
         train_images, train_labels = train_images[:config.train_limit], train_labels[:config.train_limit]
     height, width = train_images.shape[1:]
     if height != width:
@@ -326,6 +345,7 @@ def run(config, *, log=print, on_step=None):
     """Train (or resume) as `config` says; returns the list of per-epoch metrics dicts.
 
     `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
+    config.validate()
     backend = get_backend(config.device)
     xp = backend.xp
     out_dir = Path(config.out_dir)
@@ -361,7 +381,8 @@ def run(config, *, log=print, on_step=None):
 
     model.train()
     run_started = time.perf_counter()
-    with StopOnInterrupt() as interrupt:
+    # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
+    with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for epoch in range(start_epoch, config.epochs):
             resuming_here = epoch == start_epoch and start_step > 0
             record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
@@ -388,6 +409,7 @@ def run(config, *, log=print, on_step=None):
 
 def evaluate_checkpoint(path, config, *, log=print):
     """Test accuracy of a saved model; the checkpoint's model configuration must match `config`'s."""
+    config.validate()
     backend = get_backend(config.device)
     meta, model_state, _ = load_checkpoint(path)
     data = load_data(config, backend)

@@ -1,0 +1,619 @@
+"""Fused CuPy kernels: each one the GPU twin of a plain array-module formula elsewhere in the package.
+
+Why fuse. CuPy spends roughly 20 microseconds of Python per kernel launch (argument parsing, type
+resolution, the kernel cache look-up), and each plain array operation is one launch plus, usually, one
+temporary array. A LayerNorm written with array operations (row mean, centring, square, row mean,
+add eps, sqrt, reciprocal, scale, times gamma, plus beta) is about ten launches; on the small tensors
+of a ViT that Python overhead, not the GPU, sets the step time. Each kernel here does the same
+arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
+
+| kernel (this module)                     | replaces (plain version)                                 | launches |
+|------------------------------------------|----------------------------------------------------------|----------|
+| gelu_forward / gelu_backward             | layers/gelu.py  GELU.forward / GELU.backward             | 1 / 1    |
+| layernorm_forward                        | layers/layernorm.py  LayerNorm.forward                   | 1        |
+| layernorm_backward                       | LayerNorm.backward (gamma/beta sums stay column_sum)     | 1 + 3    |
+| softmax_forward / softmax_backward       | layers/softmax.py  softmax(scale*s) / softmax_backward   | 1 / 1    |
+| dropout_forward                          | layers/dropout.py  Dropout.forward (mask and output)     | 1 + cuRAND |
+| add_dropout, add_dropout_forward         | x + dropout(h): a residual add after dropout             | 1 (+ cuRAND) |
+| cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
+| adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
+
+Every kernel is held against its plain version in tests/test_fused.py, on random inputs of several
+shapes, in float64 (tight tolerance) and float32.
+
+Two kinds of kernel:
+- `cupy.ElementwiseKernel` for elementwise work. Its type placeholder `T` takes the arrays' dtype, so
+  one definition serves float32 and float64; scalar arguments declared `T` are cast to that dtype
+  on the host, exactly as NumPy casts a Python float in `float32_array * 0.9`.
+- `cupy.RawKernel` for row-wise work (LayerNorm, softmax, cross-entropy): one thread block of
+  ROW_BLOCK threads per row, each thread striding over the row, block-wide sums and maxima through
+  shared memory. The source is compiled once per dtype, with `typedef float T;` or `typedef double T;`
+  in front. Rows may have any length (the loops stride), not only up to ROW_BLOCK.
+
+Import without CuPy: nothing here imports CuPy at module level. Kernels are built on first use and
+cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`), so each is defined once per
+process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
+(labels: any integer dtype); inputs of one call must share a dtype.
+
+Arithmetic follows the plain formulas step by step (same operation order, constants cast to the
+array dtype the way NumPy casts Python floats), so results agree to rounding; they are not bitwise
+equal because sums are reduced in a different order and the CUDA compiler may fuse a*b+c into one
+fused multiply-add.
+"""
+import math
+
+import numpy
+
+from .layers.gelu import CUBIC_COEFFICIENT, SQRT_2_OVER_PI
+from .layers.reductions import column_sum
+
+__all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+           "softmax_forward", "softmax_backward", "dropout_forward", "add_dropout", "add_dropout_forward",
+           "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "ROW_BLOCK"]
+
+ROW_BLOCK = 128   # threads per block of the row-wise raw kernels (a power of two, as the reductions need)
+
+_C_TYPES = {"float32": "float", "float64": "double"}
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel sources (plain strings: building them needs no CuPy)
+# ---------------------------------------------------------------------------------------------------
+
+# GELU constants exactly as gelu.py computes them (in Python double precision, then cast to T).
+_GELU_C = repr(SQRT_2_OVER_PI)                                  # c
+_GELU_CA = repr(SQRT_2_OVER_PI * CUBIC_COEFFICIENT)             # c * a
+_GELU_3CA = repr(3.0 * SQRT_2_OVER_PI * CUBIC_COEFFICIENT)      # 3 * c * a
+
+# name -> (in_params, out_params, operation)
+_ELEMENTWISE_SOURCES = {
+    # gelu.py forward: u = x * (c + c*a * x*x);  t = tanh(u);  y = (t + 1) * (0.5 * x)
+    "scratchvit_gelu_forward": (
+        "T x",
+        "T y, T t",
+        "const T u = ((x * x) * (T)" + _GELU_CA + " + (T)" + _GELU_C + ") * x;\n"
+        "t = tanh(u);\n"
+        "y = (t + (T)1) * ((T)0.5 * x);\n",
+    ),
+    # gelu.py backward: dy/dx = ((x*x * 3ca + c) * x) * (1 - t*t) + (1 + t);  dL/dx = dy/dx * (0.5 * g)
+    "scratchvit_gelu_backward": (
+        "T x, T t, T grad_out",
+        "T grad_x",
+        "T d = (x * x) * (T)" + _GELU_3CA + " + (T)" + _GELU_C + ";\n"
+        "d = d * x;\n"
+        "d = d * ((T)1 - t * t);\n"
+        "d = d + ((T)1 + t);\n"
+        "grad_x = d * ((T)0.5 * grad_out);\n",
+    ),
+    # dropout.py forward: keep = u >= p;  mask = keep * (1 / (1 - p));  y = x * mask
+    "scratchvit_dropout_forward": (
+        "T x, T u, T p, T scale",
+        "T mask, T y",
+        "mask = (u >= p) ? scale : (T)0;\n"
+        "y = x * mask;\n",
+    ),
+    # a residual add after dropout with a given mask: y = x + h * mask
+    "scratchvit_add_dropout": (
+        "T x, T h, T mask",
+        "T y",
+        "y = x + h * mask;\n",
+    ),
+    # residual add after dropout, the mask drawn in the same launch: y = x + h * mask
+    "scratchvit_add_dropout_forward": (
+        "T x, T h, T u, T p, T scale",
+        "T mask, T y",
+        "mask = (u >= p) ? scale : (T)0;\n"
+        "y = x + h * mask;\n",
+    ),
+    # softmax_cross_entropy.py backward: grad = ((p - s/C) - (1 - s)[c == label]) * (grad_loss / B).
+    # `i` is the C-order index into the (B, C) output, so its row is i / C and its class i - row * C.
+    "scratchvit_cross_entropy_backward": (
+        "T p, raw int64 labels, raw T upstream, T smooth_over_c, T one_minus_smooth, T inv_batch, "
+        "int64 num_classes",
+        "T grad",
+        "const long long row = i / num_classes;\n"
+        "const long long col = i - row * num_classes;\n"
+        "T value = p - smooth_over_c;\n"
+        "if (col == labels[row]) {\n"
+        "    value = value - one_minus_smooth;\n"
+        "}\n"
+        "grad = value * (upstream[0] * inv_batch);\n",
+    ),
+    # optim.py AdamW.step, decay with a per-element mask (parameter groups with different decays)
+    "scratchvit_adamw_masked": (
+        "T grad, T decay_mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_rate, "
+        "T inv_sqrt_bc2, T eps, T step_size",
+        "T param, T exp_avg, T exp_avg_sq",
+        "exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
+        "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n"
+        "param = param - (param * decay_mask) * decay_rate;\n"
+        "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n",
+    ),
+    # optim.py AdamW.step, one weight decay for all elements
+    "scratchvit_adamw_unmasked": (
+        "T grad, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_factor, "
+        "T inv_sqrt_bc2, T eps, T step_size",
+        "T param, T exp_avg, T exp_avg_sq",
+        "exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
+        "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n"
+        "param = param * decay_factor;\n"
+        "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n",
+    ),
+}
+
+# Shared by every row kernel, after `typedef float T;` / `typedef double T;`. Both reductions need
+# blockDim.x == ROW_BLOCK (a power of two); every thread of the block must call them (they sync).
+_ROW_HELPERS = r"""
+#define ROW_BLOCK """ + str(ROW_BLOCK) + r"""
+
+__device__ T row_block_sum(T value, T* buf) {
+    const int tid = threadIdx.x;
+    buf[tid] = value;
+    __syncthreads();
+    for (int stride = ROW_BLOCK / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) {
+            buf[tid] = buf[tid] + buf[tid + stride];
+        }
+        __syncthreads();
+    }
+    const T total = buf[0];
+    __syncthreads();   // everyone has read buf[0] before buf is reused
+    return total;
+}
+
+__device__ T row_block_max(T value, T* buf) {
+    const int tid = threadIdx.x;
+    buf[tid] = value;
+    __syncthreads();
+    for (int stride = ROW_BLOCK / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) {
+            const T other = buf[tid + stride];
+            buf[tid] = (other > buf[tid]) ? other : buf[tid];
+        }
+        __syncthreads();
+    }
+    const T result = buf[0];
+    __syncthreads();
+    return result;
+}
+"""
+
+_RAW_SOURCES = {
+    # layernorm.py forward, one block per row of D:
+    #   mu = sum(x) * (1/D);  var = sum((x - mu)^2) * (1/D);  rstd = 1 / sqrt(var + eps)
+    #   xhat = (x - mu) * rstd;  y = xhat * gamma + beta
+    "scratchvit_layernorm_forward": r"""
+extern "C" __global__ void scratchvit_layernorm_forward(
+        const T* x, const T* gamma, const T* beta, T* y, T* xhat, T* rstd_out, const int D, const T eps) {
+    __shared__ T buf[ROW_BLOCK];
+    const long long row = blockIdx.x;
+    const long long base = row * D;
+    const T inv_d = (T)(1.0 / (double)D);
+    T partial = 0;
+    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+        partial += x[base + j];
+    }
+    const T mu = row_block_sum(partial, buf) * inv_d;
+    partial = 0;
+    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+        const T centred = x[base + j] - mu;
+        partial += centred * centred;
+    }
+    const T var = row_block_sum(partial, buf) * inv_d;
+    const T rstd = (T)1 / sqrt(var + eps);
+    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+        const T normalised = (x[base + j] - mu) * rstd;
+        xhat[base + j] = normalised;
+        y[base + j] = normalised * gamma[j] + beta[j];
+    }
+    if (threadIdx.x == 0) {
+        rstd_out[row] = rstd;
+    }
+}
+""",
+    # layernorm.py backward, one block per row:  h = g * gamma
+    #   grad_x = ((h - mean(h)) - xhat * mean(h * xhat)) * rstd
+    "scratchvit_layernorm_backward": r"""
+extern "C" __global__ void scratchvit_layernorm_backward(
+        const T* grad_out, const T* xhat, const T* rstd, const T* gamma, T* grad_x, const int D) {
+    __shared__ T buf[ROW_BLOCK];
+    const long long row = blockIdx.x;
+    const long long base = row * D;
+    const T inv_d = (T)(1.0 / (double)D);
+    T partial_h = 0;
+    T partial_hx = 0;
+    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+        const T h = grad_out[base + j] * gamma[j];
+        partial_h += h;
+        partial_hx += h * xhat[base + j];
+    }
+    const T mean_h = row_block_sum(partial_h, buf) * inv_d;
+    const T mean_hx = row_block_sum(partial_hx, buf) * inv_d;
+    const T r = rstd[row];
+    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+        const T h = grad_out[base + j] * gamma[j];
+        grad_x[base + j] = ((h - mean_h) - xhat[base + j] * mean_hx) * r;
+    }
+}
+""",
+    # softmax.py forward of scale * scores, one block per row of n:
+    #   z = scale * s;  e = exp(z - max(z));  p = e / sum(e)
+    "scratchvit_softmax_forward": r"""
+extern "C" __global__ void scratchvit_softmax_forward(
+        const T* scores, T* probs, const int n, const T scale) {
+    __shared__ T buf[ROW_BLOCK];
+    const long long row = blockIdx.x;
+    const long long base = row * n;
+    T local_max = scale * scores[base];
+    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+        const T z = scale * scores[base + j];
+        local_max = (z > local_max) ? z : local_max;
+    }
+    const T row_max = row_block_max(local_max, buf);
+    T partial = 0;
+    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+        const T e = exp(scale * scores[base + j] - row_max);
+        probs[base + j] = e;
+        partial += e;
+    }
+    const T total = row_block_sum(partial, buf);
+    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+        probs[base + j] = probs[base + j] / total;
+    }
+}
+""",
+    # softmax.py backward (times scale, the chain rule through z = scale * s), one block per row:
+    #   grad_s = scale * (g * p - p * sum(g * p))
+    "scratchvit_softmax_backward": r"""
+extern "C" __global__ void scratchvit_softmax_backward(
+        const T* probs, const T* grad_probs, T* grad_scores, const int n, const T scale) {
+    __shared__ T buf[ROW_BLOCK];
+    const long long row = blockIdx.x;
+    const long long base = row * n;
+    T partial = 0;
+    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+        partial += grad_probs[base + j] * probs[base + j];
+    }
+    const T dot = row_block_sum(partial, buf);
+    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+        const T p = probs[base + j];
+        grad_scores[base + j] = scale * (grad_probs[base + j] * p - p * dot);
+    }
+}
+""",
+    # softmax_cross_entropy.py forward, one block per row of C logits:
+    #   m = max(z);  lse = log(sum(exp(z - m)));  log_p = (z - m) - lse;  probs = exp(log_p)
+    #   loss = -log_p[label];  with smoothing s:  loss = (1 - s) * loss - s * mean(log_p)
+    # A label outside [0, C) gives a NaN loss (passed in as invalid_loss) instead of a wild read.
+    "scratchvit_cross_entropy_forward": r"""
+extern "C" __global__ void scratchvit_cross_entropy_forward(
+        const T* logits, const long long* labels, T* probs, T* row_loss, const int C,
+        const T smoothing, const T one_minus_smoothing, const T invalid_loss) {
+    __shared__ T buf[ROW_BLOCK];
+    const long long row = blockIdx.x;
+    const long long base = row * C;
+    T local_max = logits[base];
+    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+        const T z = logits[base + j];
+        local_max = (z > local_max) ? z : local_max;
+    }
+    const T m = row_block_max(local_max, buf);
+    T partial = 0;
+    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+        partial += exp(logits[base + j] - m);
+    }
+    const T lse = log(row_block_sum(partial, buf));
+    T partial_log_p = 0;
+    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+        const T log_p = (logits[base + j] - m) - lse;
+        probs[base + j] = exp(log_p);
+        partial_log_p += log_p;
+    }
+    const T sum_log_p = row_block_sum(partial_log_p, buf);
+    if (threadIdx.x == 0) {
+        const long long label = labels[row];
+        T loss = invalid_loss;
+        if (label >= 0 && label < C) {
+            loss = -((logits[base + label] - m) - lse);
+            if (smoothing != (T)0) {
+                loss = one_minus_smoothing * loss - smoothing * (sum_log_p / (T)C);
+            }
+        }
+        row_loss[row] = loss;
+    }
+}
+""",
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Lazy construction: each kernel object is created once, on first use
+# ---------------------------------------------------------------------------------------------------
+
+_cupy_module = None
+_elementwise_kernels = {}   # name -> cupy.ElementwiseKernel (type-generic: CuPy compiles per dtype)
+_raw_kernels = {}           # (name, dtype name) -> cupy.RawKernel
+
+
+def _cupy():
+    """CuPy, imported (and its device checked) on first use; BackendUnavailable if it cannot be used."""
+    global _cupy_module
+    if _cupy_module is None:
+        from .backend import cupy_or_error
+        _cupy_module = cupy_or_error()
+    return _cupy_module
+
+
+def _elementwise(name):
+    kernel = _elementwise_kernels.get(name)
+    if kernel is None:
+        in_params, out_params, operation = _ELEMENTWISE_SOURCES[name]
+        kernel = _cupy().ElementwiseKernel(in_params, out_params, operation, name)
+        _elementwise_kernels[name] = kernel
+    return kernel
+
+
+def raw_kernel_source(name, dtype_name):
+    """The full CUDA source of raw kernel `name` for "float32" or "float64" (also used by the tests)."""
+    return "typedef " + _C_TYPES[dtype_name] + " T;\n" + _ROW_HELPERS + _RAW_SOURCES[name]
+
+
+def _raw(name, dtype):
+    key = (name, dtype.name)
+    kernel = _raw_kernels.get(key)
+    if kernel is None:
+        kernel = _cupy().RawKernel(raw_kernel_source(name, dtype.name), name)
+        _raw_kernels[key] = kernel
+    return kernel
+
+
+def _float_dtype(*arrays):
+    """The common dtype of `arrays`, which must be float32 or float64 and all the same."""
+    dtype = arrays[0].dtype
+    for array in arrays[1:]:
+        if array.dtype != dtype:
+            raise TypeError(f"fused kernels need one dtype for all arrays, got {dtype} and {array.dtype}")
+    if dtype.name not in _C_TYPES:
+        raise TypeError(f"fused kernels support float32 and float64, got {dtype}")
+    return dtype
+
+
+def _rows(shape):
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------------------------------
+
+def gelu_forward(x):
+    """Tanh-GELU in one launch: returns (y, t), t = tanh(c (x + a x^3)), as `layers.GELU.forward`
+    computes y and keeps t."""
+    _float_dtype(x)
+    y, t = _elementwise("scratchvit_gelu_forward")(x)
+    return y, t
+
+
+def gelu_backward(x, t, grad_out):
+    """dL/dx of tanh-GELU in one launch, from the forward's x and t: `layers.GELU.backward`."""
+    _float_dtype(x, t, grad_out)
+    return _elementwise("scratchvit_gelu_backward")(x, t, grad_out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------------------------------
+
+def layernorm_forward(x, gamma, beta, eps):
+    """LayerNorm over the last axis in one launch: returns (y, xhat, rstd) with rstd of shape (..., 1),
+    exactly what `layers.LayerNorm.forward` returns and keeps."""
+    cupy = _cupy()
+    dtype = _float_dtype(x, gamma, beta)
+    D = x.shape[-1]
+    if gamma.shape != (D,) or beta.shape != (D,):
+        raise ValueError(f"gamma and beta must have shape ({D},), got {gamma.shape} and {beta.shape}")
+    x = cupy.ascontiguousarray(x)
+    gamma, beta = cupy.ascontiguousarray(gamma), cupy.ascontiguousarray(beta)
+    y = cupy.empty(x.shape, dtype=dtype)
+    xhat = cupy.empty(x.shape, dtype=dtype)
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=dtype)
+    rows = _rows(x.shape)
+    if rows and D:
+        _raw("scratchvit_layernorm_forward", dtype)(
+            (rows,), (ROW_BLOCK,), (x, gamma, beta, y, xhat, rstd, _int32(D), dtype.type(eps)))
+    return y, xhat, rstd
+
+
+def layernorm_backward(grad_out, xhat, rstd, gamma):
+    """LayerNorm backward: returns (grad_x, grad_gamma, grad_beta), as `layers.LayerNorm.backward`
+    (which adds grad_gamma and grad_beta into the parameters' gradients: the caller does that here).
+    grad_x is one launch; the two parameter sums are `column_sum`s, as in the plain layer."""
+    cupy = _cupy()
+    dtype = _float_dtype(grad_out, xhat, rstd, gamma)
+    D = grad_out.shape[-1]
+    if xhat.shape != grad_out.shape or gamma.shape != (D,) or rstd.size != _rows(grad_out.shape):
+        raise ValueError(f"layernorm_backward: shapes do not match: grad_out {grad_out.shape}, xhat {xhat.shape}, "
+                         f"rstd {rstd.shape}, gamma {gamma.shape}")
+    grad_out, xhat = cupy.ascontiguousarray(grad_out), cupy.ascontiguousarray(xhat)
+    rstd, gamma = cupy.ascontiguousarray(rstd), cupy.ascontiguousarray(gamma)
+    grad_x = cupy.empty(grad_out.shape, dtype=dtype)
+    rows = _rows(grad_out.shape)
+    if rows and D:
+        _raw("scratchvit_layernorm_backward", dtype)(
+            (rows,), (ROW_BLOCK,), (grad_out, xhat, rstd, gamma, grad_x, _int32(D)))
+    grad_beta = column_sum(grad_out)
+    grad_gamma = column_sum(grad_out * xhat)
+    return grad_x, grad_gamma, grad_beta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax (attention)
+# ---------------------------------------------------------------------------------------------------
+
+def softmax_forward(scores, scale=1.0):
+    """Row softmax of scale * scores over the last axis, max-subtracted, in one launch:
+    `layers.softmax(scale * scores)`."""
+    cupy = _cupy()
+    dtype = _float_dtype(scores)
+    scores = cupy.ascontiguousarray(scores)
+    probs = cupy.empty(scores.shape, dtype=dtype)
+    rows, n = _rows(scores.shape), scores.shape[-1]
+    if rows and n:
+        _raw("scratchvit_softmax_forward", dtype)(
+            (rows,), (ROW_BLOCK,), (scores, probs, _int32(n), dtype.type(scale)))
+    return probs
+
+
+def softmax_backward(probs, grad_probs, scale=1.0):
+    """dL/dscores = scale * p * (g - sum(g * p)) row-wise, in one launch:
+    `scale * layers.softmax_backward(probs, grad_probs)`."""
+    cupy = _cupy()
+    dtype = _float_dtype(probs, grad_probs)
+    if probs.shape != grad_probs.shape:
+        raise ValueError(f"probs {probs.shape} and grad_probs {grad_probs.shape} must have the same shape")
+    probs, grad_probs = cupy.ascontiguousarray(probs), cupy.ascontiguousarray(grad_probs)
+    grad_scores = cupy.empty(probs.shape, dtype=dtype)
+    rows, n = _rows(probs.shape), probs.shape[-1]
+    if rows and n:
+        _raw("scratchvit_softmax_backward", dtype)(
+            (rows,), (ROW_BLOCK,), (probs, grad_probs, grad_scores, _int32(n), dtype.type(scale)))
+    return grad_scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dropout and the residual add
+# ---------------------------------------------------------------------------------------------------
+
+def _uniforms(x, p, generator, uniforms):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+    if (generator is None) == (uniforms is None):
+        raise ValueError("give exactly one of generator (a CuPy Generator) and uniforms (an array like x)")
+    if uniforms is None:
+        uniforms = generator.random(x.shape, dtype=x.dtype)   # the draw Dropout.forward makes
+    elif uniforms.shape != x.shape:
+        raise ValueError(f"uniforms must have x's shape {x.shape}, got {uniforms.shape}")
+    return uniforms
+
+
+def dropout_forward(x, p, generator=None, *, uniforms=None):
+    """Inverted dropout: returns (y, mask), mask = (u >= p) / (1 - p) and y = x * mask, written by one
+    elementwise launch, as `layers.Dropout.forward` computes them.
+
+    u are uniforms in [0, 1) of x's shape and dtype: drawn here as `generator.random(x.shape, dtype=x.dtype)`
+    (a second launch, inside cuRAND), the very draw Dropout.forward makes, so the same seeded generator
+    gives the same mask; or given as `uniforms`."""
+    _float_dtype(x)
+    u = _uniforms(x, p, generator, uniforms)
+    _float_dtype(x, u)
+    mask, y = _elementwise("scratchvit_dropout_forward")(x, u, float(p), 1.0 / (1.0 - p))
+    return y, mask
+
+
+def add_dropout(x, h, mask):
+    """x + h * mask in one launch: a residual add after dropout with a known mask (`x + h * mask`)."""
+    _float_dtype(x, h, mask)
+    return _elementwise("scratchvit_add_dropout")(x, h, mask)
+
+
+def add_dropout_forward(x, h, p, generator=None, *, uniforms=None):
+    """A residual add after inverted dropout: returns (y, mask), y = x + h * mask with mask drawn as in
+    `dropout_forward` (uniforms of h's shape), mask and y written by one launch: `x + Dropout.forward(h)`."""
+    _float_dtype(x, h)
+    u = _uniforms(h, p, generator, uniforms)
+    _float_dtype(h, u)
+    mask, y = _elementwise("scratchvit_add_dropout_forward")(x, h, u, float(p), 1.0 / (1.0 - p))
+    return y, mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax cross-entropy (the loss)
+# ---------------------------------------------------------------------------------------------------
+
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """Softmax cross-entropy with label smoothing on (B, C) logits and (B,) integer labels: returns
+    (loss, probs), loss the batch mean as a 0-d CuPy array (no host synchronisation) and probs the
+    softmax that the backward needs, as `layers.SoftmaxCrossEntropy.forward`.
+
+    One launch per batch (a block per row: log-sum-exp, the loss terms, probs) plus the mean.
+    A label outside [0, C) makes its row's loss NaN (the plain layer checks labels on the host only)."""
+    cupy = _cupy()
+    dtype = _float_dtype(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, num_classes), got {logits.shape}")
+    B, C = logits.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match logits {logits.shape}, got {labels.shape}")
+    s = float(label_smoothing)
+    logits = cupy.ascontiguousarray(logits)
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    probs = cupy.empty((B, C), dtype=dtype)
+    row_loss = cupy.empty((B,), dtype=dtype)
+    if B and C:
+        _raw("scratchvit_cross_entropy_forward", dtype)(
+            (B,), (ROW_BLOCK,), (logits, labels, probs, row_loss, _int32(C),
+                                 dtype.type(s), dtype.type(1.0 - s), dtype.type(math.nan)))
+    return row_loss.mean(), probs
+
+
+_ones_1 = {}   # dtype name -> cupy.ones(1): the default upstream gradient of the loss
+
+
+def cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_loss=1.0):
+    """dL/dlogits = (probs - t) * grad_loss / B in one launch, t the smoothed one-hot targets:
+    `layers.SoftmaxCrossEntropy.backward`. grad_loss may be a Python number or a 0-d CuPy array
+    (then it is read on the device: no host synchronisation)."""
+    cupy = _cupy()
+    dtype = _float_dtype(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape (B, num_classes), got {probs.shape}")
+    B, C = probs.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match probs {probs.shape}, got {labels.shape}")
+    s = float(label_smoothing)
+    probs = cupy.ascontiguousarray(probs)
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    if isinstance(grad_loss, cupy.ndarray):
+        upstream = grad_loss.astype(dtype, copy=False).reshape(1)
+    elif grad_loss == 1.0:
+        upstream = _ones_1.get(dtype.name)
+        if upstream is None:
+            upstream = _ones_1[dtype.name] = cupy.ones(1, dtype=dtype)
+    else:
+        upstream = cupy.full((1,), grad_loss, dtype=dtype)
+    return _elementwise("scratchvit_cross_entropy_backward")(
+        probs, labels, upstream, s / C if C else 0.0, 1.0 - s, 1.0 / B if B else 0.0, C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AdamW
+# ---------------------------------------------------------------------------------------------------
+
+def adamw_step(data, grad, exp_avg, exp_avg_sq, decay_mask, lr, beta1, beta2, eps, weight_decay,
+               bias_correction1, bias_correction2):
+    """One AdamW step over flat buffers, in one launch, updating data, exp_avg and exp_avg_sq in place:
+    exactly `optim.AdamW.step` after its step_count increment:
+        m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
+        theta -= lr * wd * mask * theta                       (decoupled decay; mask = 1 if decay_mask is None)
+        theta -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    with bc1 = 1 - beta1^t and bc2 = 1 - beta2^t. All arrays share one shape and dtype."""
+    if decay_mask is None:
+        _float_dtype(data, grad, exp_avg, exp_avg_sq)
+        _elementwise("scratchvit_adamw_unmasked")(
+            grad, beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay,
+            1.0 / math.sqrt(bias_correction2), eps, lr / bias_correction1,
+            data, exp_avg, exp_avg_sq)
+    else:
+        _float_dtype(data, grad, exp_avg, exp_avg_sq, decay_mask)
+        _elementwise("scratchvit_adamw_masked")(
+            grad, decay_mask, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
+            1.0 / math.sqrt(bias_correction2), eps, lr / bias_correction1,
+            data, exp_avg, exp_avg_sq)
+
+
+def _int32(value):
+    """A 32-bit int kernel argument: RawKernel passes a Python int as 64 bits, the kernels take `int`."""
+    if not 0 <= value < 2**31:
+        raise ValueError(f"row length {value} does not fit the kernels' 32-bit int")
+    return numpy.int32(value)
