@@ -36,9 +36,9 @@ process, never per call. The functions take and return CuPy arrays of dtype floa
 (labels: any integer dtype); inputs of one call must share a dtype.
 
 Arithmetic follows the plain formulas step by step (same operation order, constants cast to the
-array dtype the way NumPy casts Python floats), so results agree to rounding; they are not bitwise
-equal because sums are reduced in a different order and the CUDA compiler may fuse a*b+c into one
-fused multiply-add.
+array dtype the way NumPy casts Python floats, and compiled with --fmad=false so no a*b+c becomes a
+fused multiply-add), so results agree to rounding; row sums are reduced in a different order from
+the plain version's, so the row kernels are not bitwise equal to it.
 """
 import math
 
@@ -54,6 +54,12 @@ __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_back
 ROW_BLOCK = 128   # threads per block of the row-wise raw kernels (a power of two, as the reductions need)
 
 _C_TYPES = {"float32": "float", "float64": "double"}
+
+# NVRTC option: no contraction of a*b+c into one fused multiply-add, so each kernel rounds every
+# product as the plain formula (one array operation per product) does. Without it, softmax of
+# scale * s with |scale * s| ~ 1e4 would differ from the plain version by ~1e-4 relative in float32
+# (exp of the unrounded scale*s - max). The kernels are memory-bound: this costs nothing measurable.
+_COMPILE_OPTIONS = ("--fmad=false",)
 
 # ---------------------------------------------------------------------------------------------------
 # Kernel sources (plain strings: building them needs no CuPy)
@@ -346,7 +352,7 @@ def _elementwise(name):
     kernel = _elementwise_kernels.get(name)
     if kernel is None:
         in_params, out_params, operation = _ELEMENTWISE_SOURCES[name]
-        kernel = _cupy().ElementwiseKernel(in_params, out_params, operation, name)
+        kernel = _cupy().ElementwiseKernel(in_params, out_params, operation, name, options=_COMPILE_OPTIONS)
         _elementwise_kernels[name] = kernel
     return kernel
 
@@ -360,7 +366,7 @@ def _raw(name, dtype):
     key = (name, dtype.name)
     kernel = _raw_kernels.get(key)
     if kernel is None:
-        kernel = _cupy().RawKernel(raw_kernel_source(name, dtype.name), name)
+        kernel = _cupy().RawKernel(raw_kernel_source(name, dtype.name), name, options=_COMPILE_OPTIONS)
         _raw_kernels[key] = kernel
     return kernel
 

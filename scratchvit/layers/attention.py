@@ -41,7 +41,8 @@ class MultiHeadSelfAttention(Layer):
         rng = host_generator(0) if rng is None else rng      # one generator: qkv and proj draw different weights
         self.qkv = Linear(self.dim, 3 * self.dim, dtype=dtype, rng=rng)
         self.proj = Linear(self.dim, self.dim, dtype=dtype, rng=rng)
-        self.q_scaled = self.k = self.v = None   # (B, H, T, d) each, used later in backward
+        self.q_scaled = self.v = None            # (B, H, T, d) each, used later in backward
+        self.k_transposed = None                 # k^T (B, H, d, T), used later in backward
         self.attn = None                         # softmax probabilities (B, H, T, T), used later in backward
 
     def forward(self, x):
@@ -53,12 +54,12 @@ class MultiHeadSelfAttention(Layer):
         qkv = self.qkv.forward(x)                                          # (B, T, 3D)
         qkv = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)          # (3, B, H, T, d)
         q_scaled = qkv[0] * self.scale                                     # (B, H, T, d), contiguous
-        k = xp.ascontiguousarray(qkv[1])                                   # (B, H, T, d)
+        k_transposed = xp.ascontiguousarray(qkv[1].transpose(0, 1, 3, 2))  # (B, H, d, T): a plain batched GEMM next
         v = xp.ascontiguousarray(qkv[2])                                   # (B, H, T, d)
-        scores = q_scaled @ k.transpose(0, 1, 3, 2)                        # (B, H, T, T)
+        scores = q_scaled @ k_transposed                                   # (B, H, T, T)
         attn = softmax(scores, overwrite=True)                             # (B, H, T, T)
         context = attn @ v                                                 # (B, H, T, d)
-        self.q_scaled, self.k, self.v, self.attn = q_scaled, k, v, attn
+        self.q_scaled, self.k_transposed, self.v, self.attn = q_scaled, k_transposed, v, attn
         merged = context.transpose(0, 2, 1, 3).reshape(B, T, D)            # (B, T, D), heads side by side
         return self.proj.forward(merged)
 
@@ -66,7 +67,7 @@ class MultiHeadSelfAttention(Layer):
         xp = get_array_module(grad_out)
         B, T, D = grad_out.shape
         H, d = self.heads, self.head_dim
-        q_scaled, k, v, attn = self.q_scaled, self.k, self.v, self.attn
+        q_scaled, k_transposed, v, attn = self.q_scaled, self.k_transposed, self.v, self.attn
         # forward: out = proj(merged)
         grad_merged = self.proj.backward(grad_out)                                 # (B, T, D)
         # forward: merged = context.transpose(0, 2, 1, 3).reshape(B, T, D)
@@ -79,7 +80,7 @@ class MultiHeadSelfAttention(Layer):
         # forward: attn = softmax(scores)
         grad_scores = softmax_backward(attn, grad_attn)                            # (B, H, T, T)
         # forward: scores = q_scaled @ k^T, q_scaled = q * scale
-        xp.matmul(grad_scores, k, out=grad_qkv[0])                                 # g_q_scaled
+        xp.matmul(grad_scores, k_transposed.transpose(0, 1, 3, 2), out=grad_qkv[0])  # g_q_scaled = g_scores k
         grad_qkv[0] *= self.scale                                                  # g_q = g_q_scaled * scale
         xp.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])    # g_k = g_scores^T q_scaled
         # forward: qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)
