@@ -30,6 +30,8 @@ def build_parser():
     parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
                         help="random shift augmentation in pixels (0 disables it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads for the data-parallel training step (default: one per core)")
     model = parser.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=defaults.patch_size)
     model.add_argument("--dim", type=int, default=defaults.dim)

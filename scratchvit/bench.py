@@ -45,9 +45,10 @@ TF32 on the GPU (CuPy does not use TF32 either).
 Reading the ratio: `ratio scratchvit/torch` is scratchvit's median ms per step divided by PyTorch's.
 Below 1.0, scratchvit is faster; 1.25 means scratchvit takes 25% longer per step.
 
-Threads: NumPy's BLAS (OpenBLAS here) reads its thread count from the environment when Python
-starts: OPENBLAS_NUM_THREADS=N (OMP_NUM_THREADS for some builds, MKL_NUM_THREADS for MKL).
---threads only calls `torch.set_num_threads`. For a like-for-like single-thread comparison:
+Threads: on the CPU scratchvit's step is data-parallel over one thread per core (see
+scratchvit/train_step.py), and PyTorch uses its default of one thread per core too. `--threads N`
+sets both: scratchvit's worker threads and `torch.set_num_threads(N)`. For a like-for-like
+single-thread comparison (NumPy's BLAS reads its own thread count from the environment):
 
     OPENBLAS_NUM_THREADS=1 python -m scratchvit.bench --compare-torch --threads 1
 
@@ -71,10 +72,11 @@ import tracemalloc
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend, to_host
+from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW
-from .train import TrainConfig, TrainStep, parameter_groups
+from .train import TrainConfig, parameter_groups
+from .train_step import TrainStep
 from .vit import ViT
 
 MIB = 2 ** 20
@@ -121,8 +123,8 @@ def build_parser():
     timing.add_argument("--compare-torch", action="store_true",
                         help="also time the same ViT in PyTorch (needs torch) and print the ratio")
     timing.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads(N) for --compare-torch (default: torch's own choice); NumPy's "
-                             "threads are set by OPENBLAS_NUM_THREADS in the environment")
+                        help="CPU threads for both libraries: scratchvit's data-parallel step and "
+                             "torch.set_num_threads(N) (default: one per core for scratchvit, torch's own choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
 
@@ -335,9 +337,9 @@ class Runner:
         self.times_ms += self.clock.time(self.step, count)
 
 
-def scratchvit_runner(model, backend, images, labels, clip_grad_norm):
+def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None):
     optimizer = AdamW(parameter_groups(model, TRAINING.weight_decay), lr=TRAINING.lr)
-    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None)
+    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None, threads=threads)
     images, labels = backend.asarray(images), backend.asarray(labels)
     xp = backend.xp
     if backend.name == "gpu":
@@ -361,6 +363,7 @@ def scratchvit_runner(model, backend, images, labels, clip_grad_norm):
                          "gradients and AdamW state that exist before the step are state_bytes")
 
     runner.measure_memory = measure_memory
+    runner.threads = train_step.threads
     return runner
 
 
@@ -490,6 +493,7 @@ def format_table(report):
     if "torch" in m:
         machine += f"; torch {m['torch']} ({m['torch_threads']} threads)"
     lines.append(machine)
+    lines.append(f"scratchvit step threads: {report['scratchvit_threads']}")
     lines.append(f"timing {t['clock']}: {t['steps']} steps per library after {t['warmup']} warm-up"
                  + (f", in {t['rounds']} alternating blocks" if len(report["results"]) > 1 else ""))
     results = list(report["results"].values())
@@ -537,6 +541,8 @@ def main(argv=None):
         backend = get_backend(args.device)
     except BackendUnavailable as error:
         return _error(error)
+    if backend.name == "cpu":
+        keep_freed_host_memory()      # as the training loop does: see its docstring
     torch = None
     if args.compare_torch:
         try:
@@ -568,7 +574,7 @@ def _run(args, backend, config, model, torch):
     initial_state = model.state_dict()
     model.to(backend)
     model.train()
-    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm)]
+    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads)]
     if torch is not None:
         runners.append(torch_runner(torch, config, initial_state, args, images, labels))
         if runners[1].parameters != runners[0].parameters:
@@ -599,6 +605,7 @@ def _run(args, backend, config, model, torch):
         timing=dict(clock=runners[0].clock.name, steps=args.steps, warmup=args.warmup, rounds=rounds),
         machine=machine_info(backend, torch),
         results=results,
+        scratchvit_threads=runners[0].threads,
         ratio=ratio)
     print(json.dumps(report) if args.json else format_table(report))
     return 0

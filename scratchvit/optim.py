@@ -21,7 +21,7 @@ example to skip weight decay on biases, LayerNorm parameters and embeddings.
 """
 import math
 
-from .backend import get_array_module, to_host
+from .backend import get_array_module, is_gpu_array, to_host
 
 
 class AdamW:
@@ -124,6 +124,11 @@ class AdamW:
         beta1, beta2 = self.betas
         bias_correction1 = 1.0 - beta1 ** self.step_count
         bias_correction2 = 1.0 - beta2 ** self.step_count
+        if is_gpu_array(self.data):          # the whole update below as one fused kernel (fused.py)
+            from .fused import adamw_step
+            adamw_step(self.data, self.grad, self.exp_avg, self.exp_avg_sq, self.decay_mask, self.lr, beta1, beta2,
+                       self.eps, self.weight_decay, bias_correction1, bias_correction2)
+            return
         g, m, v, update = self.grad, self.exp_avg, self.exp_avg_sq, self.update
         # m = beta1 m + (1 - beta1) g
         m *= beta1

@@ -1,8 +1,9 @@
 """Training a ViT on MNIST: the loop behind `train_mnist.py`, usable from Python as `run(TrainConfig(...))`.
 
-One training step (`TrainStep`): zero the gradients, forward, softmax cross-entropy, backward,
-clip the global gradient norm, AdamW. The loss stays on the device and is read every
-`LOSS_READ_INTERVAL` steps, so a GPU step queues work without waiting for it.
+One training step (`TrainStep`, in train_step.py, data-parallel over the CPU's cores): zero the
+gradients, forward, softmax cross-entropy, backward, clip the global gradient norm, AdamW. The loss
+stays on the device and is read every `LOSS_READ_INTERVAL` steps, so a GPU step queues work
+without waiting for it.
 
 Around it (`run`):
 - the data set is uploaded to the device once; each batch is gathered there and shifted by up to
@@ -32,10 +33,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from .backend import get_array_module, get_backend, host, host_generator, random_generator
+from .backend import get_array_module, get_backend, host, host_generator, keep_freed_host_memory, random_generator
 from .data import DataError, load_mnist, normalize, random_shift
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
+from .train_step import TrainStep
 from .vit import ViT
 
 LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
@@ -44,8 +46,8 @@ LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
 @dataclasses.dataclass
 class TrainConfig:
     device: str = "cpu"
-    epochs: int = 12
-    batch_size: int = 128
+    epochs: int = 10
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -63,6 +65,7 @@ class TrainConfig:
     out_dir: str = "runs/mnist"
     train_limit: int = None
     eval_batch_size: int = 1000
+    threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
     resume: bool = False
     plot: bool = False
 
@@ -78,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads!r}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
@@ -108,23 +113,6 @@ def parameter_groups(model, weight_decay):
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
 
 
-class TrainStep:
-    """forward, loss, backward, gradient clipping, AdamW: one call per batch. Returns the loss (0-d, on the device)."""
-
-    def __init__(self, model, optimizer, loss_fn, clip_grad_norm=None):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.clip_grad_norm = clip_grad_norm
-
-    def __call__(self, images, labels):
-        self.optimizer.zero_grad()
-        loss = self.loss_fn.forward(self.model.forward(images), labels)
-        self.model.backward(self.loss_fn.backward())
-        if self.clip_grad_norm:
-            self.optimizer.clip_grad_norm(self.clip_grad_norm)
-        self.optimizer.step()
-        return loss
-
-
 def evaluate(model, images, labels, batch_size=1000):
     """Accuracy (a float in [0, 1]) of the model in eval mode; restores the previous mode."""
     was_training = model.training
@@ -148,10 +136,10 @@ def epoch_seed(seed, epoch, stream):
 class EpochRandomness:
     """The generators one epoch draws from: the shuffle (host), the shifts and dropout (device)."""
 
-    def __init__(self, model, xp, seed, epoch):
+    def __init__(self, models, xp, seed, epoch):
         self.shuffle = host_generator(epoch_seed(seed, epoch, 0))
         self.shift = random_generator(xp, epoch_seed(seed, epoch, 1))
-        self.dropout_layers = model.dropout_layers()
+        self.dropout_layers = [layer for model in models for layer in model.dropout_layers()]
         for index, layer in enumerate(self.dropout_layers):
             layer.generator, layer.generator_xp = random_generator(xp, epoch_seed(seed, epoch, 2 + index)), xp
 
@@ -281,7 +269,7 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                 steps_per_epoch, total_steps, warmup_steps, checkpoint_path, history):
     """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics."""
     xp = get_array_module(data["train_images"])
-    randomness = EpochRandomness(model, xp, config.seed, epoch)
+    randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch)
     order = xp.asarray(randomness.shuffle.permutation(data["train_images"].shape[0]))
     loss_sum = xp.zeros((), dtype=model.dtype)        # summed on the device, step by step, read now and then
     if resume_state is not None:
@@ -347,6 +335,8 @@ def run(config, *, log=print, on_step=None):
     `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
     config.validate()
     backend = get_backend(config.device)
+    if backend.name == "cpu":
+        keep_freed_host_memory()
     xp = backend.xp
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.npz"
@@ -357,7 +347,8 @@ def run(config, *, log=print, on_step=None):
     model = ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
     model.to(backend)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
-    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm)
+    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
+                           threads=config.threads)
 
     train_count = data["train_images"].shape[0]
     steps_per_epoch = math.ceil(train_count / config.batch_size)

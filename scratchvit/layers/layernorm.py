@@ -21,10 +21,13 @@ Backward. Let g_i = dL/dy_i.
     dL/dx_j = sum_i h_i * d xhat_i / d x_j
             = rstd * (h_j - mean_i(h_i) - xhat_j * mean_i(h_i * xhat_i))
   Only xhat and rstd are needed, so they are what forward keeps.
+
+On the GPU, forward and the input gradient each run as one fused CuPy kernel (fused.py) with
+these same formulas; tests/test_fused.py holds the two against each other.
 """
 from .layer import Layer, Parameter
 from .reductions import column_sum, row_mean
-from ..backend import get_array_module, host
+from ..backend import get_array_module, host, is_gpu_array
 
 
 class LayerNorm(Layer):
@@ -43,6 +46,10 @@ class LayerNorm(Layer):
         xp = get_array_module(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"LayerNorm expects inputs whose last axis is dim={self.dim}, got shape {x.shape}")
+        if is_gpu_array(x):                  # on the GPU these steps run as one fused kernel
+            from ..fused import layernorm_forward
+            y, self.xhat, self.rstd = layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+            return y
         mu = row_mean(x)                                            # (..., 1)
         xhat = x - mu                                               # (..., D), centred for now
         var = row_mean(xhat * xhat)                                 # (..., 1)
@@ -57,6 +64,12 @@ class LayerNorm(Layer):
 
     def backward(self, grad_out):
         xhat, rstd = self.xhat, self.rstd
+        if is_gpu_array(grad_out):
+            from ..fused import layernorm_backward
+            grad_x, grad_gamma, grad_beta = layernorm_backward(grad_out, xhat, rstd, self.weight.data)
+            self.weight.grad += grad_gamma
+            self.bias.grad += grad_beta
+            return grad_x
         # forward: y = xhat * gamma + beta
         self.bias.grad += column_sum(grad_out)
         self.weight.grad += column_sum(grad_out * xhat)

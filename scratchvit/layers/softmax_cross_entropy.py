@@ -15,7 +15,7 @@ Backward. Composing the softmax backward with d(-t . log p)/dp = -t/p collapses 
   which is cheap and exact: no division by p, no separate softmax backward.
 """
 from .layer import Layer
-from ..backend import get_array_module
+from ..backend import get_array_module, is_gpu_array
 
 
 class SoftmaxCrossEntropy(Layer):
@@ -36,6 +36,11 @@ class SoftmaxCrossEntropy(Layer):
         # label range check on the host only: on the GPU it would wait for the device every step
         if xp.__name__ == "numpy" and B and not (0 <= labels.min() and labels.max() < C):
             raise ValueError(f"labels must lie in [0, {C}), got values from {labels.min()} to {labels.max()}")
+        if is_gpu_array(logits):             # the same formulas in one fused kernel per batch (fused.py)
+            from ..fused import cross_entropy_forward
+            loss, self.probs = cross_entropy_forward(logits, labels, self.label_smoothing)
+            self.labels = labels
+            return loss
         shifted = logits - logits.max(axis=1, keepdims=True)                    # z - m
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
         rows = xp.arange(B)
@@ -47,6 +52,9 @@ class SoftmaxCrossEntropy(Layer):
         return nll.mean()
 
     def backward(self, grad_loss=1.0):
+        if is_gpu_array(self.probs):
+            from ..fused import cross_entropy_backward
+            return cross_entropy_backward(self.probs, self.labels, self.label_smoothing, grad_loss)
         xp = get_array_module(self.probs)
         B, C = self.probs.shape
         s = self.label_smoothing

@@ -1,0 +1,66 @@
+"""The training step: the data-parallel (threaded) CPU path computes the same update as the plain one."""
+import numpy
+import pytest
+
+from scratchvit import ViT
+from scratchvit.backend import can_limit_blas_threads
+from scratchvit.layers import SoftmaxCrossEntropy
+from scratchvit.optim import AdamW
+from scratchvit.train import parameter_groups
+from scratchvit.train_step import TrainStep
+
+needs_thread_limit = pytest.mark.skipif(not can_limit_blas_threads(),
+                                        reason="this NumPy's BLAS cannot limit threads per thread: no threaded step")
+
+
+def make_step(threads, dtype="float64", batch=40, dropout=0.0):
+    model = ViT(image_size=8, patch_size=2, num_classes=4, dim=8, depth=2, heads=2, mlp_dim=16,
+                dropout=dropout, dtype=dtype, seed=3)
+    optimizer = AdamW(parameter_groups(model, 0.05), lr=1e-2, weight_decay=0.05)
+    step = TrainStep(model, optimizer, SoftmaxCrossEntropy(label_smoothing=0.1), clip_grad_norm=0.5, threads=threads)
+    rng = numpy.random.default_rng(0)
+    images = rng.standard_normal((batch, 1, 8, 8)).astype(dtype)
+    labels = rng.integers(0, 4, batch)
+    return model, step, images, labels
+
+
+@needs_thread_limit
+@pytest.mark.parametrize("threads, batch", [(2, 40), (3, 50), (2, 33)])
+def test_threaded_step_matches_the_plain_step(threads, batch):
+    plain_model, plain_step, images, labels = make_step(1, batch=batch)
+    threaded_model, threaded_step, _, _ = make_step(threads, batch=batch)
+    assert plain_step.threads == 1 and threaded_step.threads == threads
+    for _ in range(3):
+        plain_loss = plain_step(images, labels)
+        threaded_loss = threaded_step(images, labels)
+        assert float(threaded_loss) == pytest.approx(float(plain_loss), rel=1e-12)
+    for (name, plain), (_, threaded) in zip(plain_model.named_parameters(), threaded_model.named_parameters()):
+        numpy.testing.assert_allclose(threaded.data, plain.data, rtol=1e-10, atol=1e-12, err_msg=name)
+        numpy.testing.assert_allclose(threaded.grad, plain.grad, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@needs_thread_limit
+def test_replicas_share_the_weights_and_follow_the_mode():
+    model, step, images, labels = make_step(2)
+    step(images, labels)
+    replica = step.models()[1]
+    for parameter, copied in zip(model.parameters(), replica.parameters()):
+        assert copied.data is parameter.data
+        assert copied.grad is not parameter.grad
+    model.eval()
+    step(images, labels)
+    assert not replica.training
+
+
+def test_small_batches_and_one_thread_take_the_plain_path():
+    _, step, images, labels = make_step(1)
+    assert step.threads == 1 and step.models() == [step.model]
+    _, step, images, labels = make_step(2, batch=8)     # too few images to split: one chunk
+    loss = step(images, labels)
+    assert numpy.isfinite(float(loss))
+
+
+def test_threads_must_be_positive():
+    model = ViT(image_size=4, patch_size=2, num_classes=2, dim=4, depth=1, heads=1, mlp_dim=4)
+    with pytest.raises(ValueError, match="threads"):
+        TrainStep(model, AdamW(model.parameters(), lr=1e-3), SoftmaxCrossEntropy(), threads=0)
