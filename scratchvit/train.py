@@ -26,6 +26,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -64,7 +65,7 @@ class TrainConfig:
     data_dir: str = None
     out_dir: str = "runs/mnist"
     train_limit: int = None
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 500
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
     resume: bool = False
     plot: bool = False
@@ -103,7 +104,7 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------
-# the training step
+# optimiser groups and evaluation
 
 def parameter_groups(model, weight_decay):
     """Weight decay on the weight matrices (2-D), none on biases, LayerNorm, cls_token, pos_embedding."""
@@ -113,15 +114,30 @@ def parameter_groups(model, weight_decay):
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
 
 
-def evaluate(model, images, labels, batch_size=1000):
-    """Accuracy (a float in [0, 1]) of the model in eval mode; restores the previous mode."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], batch_size):
-        logits = model.forward(images[start:start + batch_size])
-        correct = correct + (logits.argmax(axis=1) == labels[start:start + batch_size]).sum()
-    model.train(was_training)
+def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None):
+    """Accuracy (a float in [0, 1]) in eval mode; restores each model's mode.
+
+    With `replicas` (copies sharing the model's weights, as TrainStep keeps) and a thread `pool`,
+    model k evaluates batches k, k + M, k + 2M, ... in its own thread (M models in all)."""
+    models = [model, *replicas]
+    modes = [one.training for one in models]
+    batch_starts = list(range(0, images.shape[0], batch_size))
+
+    def count_correct(index):
+        correct = 0
+        for start in batch_starts[index::len(models)]:
+            logits = models[index].forward(images[start:start + batch_size])
+            correct = correct + (logits.argmax(axis=1) == labels[start:start + batch_size]).sum()
+        return correct
+
+    for one in models:
+        one.eval()
+    if pool is None or len(models) == 1:
+        correct = count_correct(0)
+    else:
+        correct = sum(future.result() for future in [pool.submit(count_correct, index) for index in range(len(models))])
+    for one, mode in zip(models, modes):
+        one.train(mode)
     return float(correct) / images.shape[0]
 
 
@@ -224,24 +240,39 @@ def check_same_model(path, saved_config, model_config):
 
 
 # ------------------------------------------------------------------------------------------------
-# progress display: tqdm when installed, else a line per epoch
+# progress display: tqdm when installed (pip install "scratchvit[progress]"), else one line on a terminal
+
+def log_line(message):
+    print(message, flush=True)
+
 
 class Progress:
-    def __init__(self, total, description):
+    """Steps done, loss, images per second and time left, for one epoch."""
+
+    def __init__(self, total, description, batch_size):
         try:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
         self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True) if tqdm else None
+        self.total, self.done, self.description, self.batch_size = total, 0, description, batch_size
+        self.terminal = self.bar is None and sys.stderr.isatty()
 
     def update(self, steps, loss, images_per_second):
+        self.done += steps
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.0f}", refresh=False)
             self.bar.update(steps)
+        elif self.terminal:
+            left = (self.total - self.done) * self.batch_size / max(images_per_second, 1e-9)
+            print(f"\r{self.description}  {self.done}/{self.total}  loss {loss:.4f}  {images_per_second:.0f} img/s  "
+                  f"left {left:.0f}s ", end="", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        elif self.terminal:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +306,7 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
     if resume_state is not None:
         randomness.restore(resume_state["generators"])
         loss_sum += resume_state["loss_sum"]
-    progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}")
+    progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}", config.batch_size)
     started = shown_at = time.perf_counter()
     shown_sum, shown_step = float(loss_sum), first_step
     for step in range(first_step, steps_per_epoch):
@@ -308,7 +339,8 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                                     f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
     progress.close()
     train_seconds = time.perf_counter() - started
-    accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size)
+    accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size,
+                        replicas=train_step.models()[1:], pool=train_step.pool)
     return dict(epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, test_accuracy=accuracy,
                 lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
@@ -329,7 +361,7 @@ def load_data(config, backend):
                 image_size=height, num_classes=max(num_classes, 10))
 
 
-def run(config, *, log=print, on_step=None):
+def run(config, *, log=log_line, on_step=None):
     """Train (or resume) as `config` says; returns the list of per-epoch metrics dicts.
 
     `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
@@ -398,7 +430,7 @@ def run(config, *, log=print, on_step=None):
     return history
 
 
-def evaluate_checkpoint(path, config, *, log=print):
+def evaluate_checkpoint(path, config, *, log=log_line):
     """Test accuracy of a saved model; the checkpoint's model configuration must match `config`'s."""
     config.validate()
     backend = get_backend(config.device)

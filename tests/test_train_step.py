@@ -64,3 +64,16 @@ def test_threads_must_be_positive():
     model = ViT(image_size=4, patch_size=2, num_classes=2, dim=4, depth=1, heads=1, mlp_dim=4)
     with pytest.raises(ValueError, match="threads"):
         TrainStep(model, AdamW(model.parameters(), lr=1e-3), SoftmaxCrossEntropy(), threads=0)
+
+
+@needs_thread_limit
+def test_parallel_evaluation_counts_the_same_as_serial():
+    from scratchvit.train import evaluate
+    model, step, _, _ = make_step(2, dtype="float32")
+    rng = numpy.random.default_rng(5)
+    images = rng.standard_normal((37, 1, 8, 8)).astype("float32")
+    labels = rng.integers(0, 4, 37)
+    serial = evaluate(model, images, labels, batch_size=5)
+    parallel = evaluate(model, images, labels, batch_size=5, replicas=step.models()[1:], pool=step.pool)
+    assert parallel == serial
+    assert model.training and step.models()[1].training       # modes restored
