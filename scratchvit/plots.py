@@ -63,7 +63,7 @@ def write_plots(out_dir, model, test_images, test_labels, history, count=16):
     pixels, labels = to_host(images)[:, 0], to_host(test_labels[:count])
     columns = 8
     rows = (len(maps) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.2 * rows))
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.6 * rows + 0.4))
     for index, axes_one in enumerate(host.ravel(axes)):
         axes_one.axis("off")
         if index >= len(maps):
@@ -75,7 +75,7 @@ def write_plots(out_dir, model, test_images, test_labels, history, count=16):
         axes_one.set_title(f"true {labels[index]}, pred {predictions[index]}",
                            color="black" if labels[index] == predictions[index] else "red", fontsize=9)
     figure.suptitle("Attention rollout: where the CLS token looks")
-    figure.tight_layout()
+    figure.tight_layout(h_pad=1.5)
     paths.append(out_dir / "attention.png")
     figure.savefig(paths[-1], dpi=100)
     plt.close(figure)
