@@ -79,6 +79,8 @@ from .train import TrainConfig, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 
+BENCH_BATCH_SIZE = 128   # the comparison point (training itself defaults to batch 64)
+
 MIB = 2 ** 20
 TORCH_NEEDED = "torch is needed only for --compare-torch: pip install torch"
 TRAINING = TrainConfig()          # lr and weight decay as in training
@@ -100,7 +102,7 @@ def build_parser():
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                         help="cpu: NumPy, timed with the host clock; gpu: CuPy, timed with CUDA events" + default)
     model = parser.add_argument_group("model and batch")
-    for option, value, text in (("--batch-size", TRAINING.batch_size, "images per step"),
+    for option, value, text in (("--batch-size", BENCH_BATCH_SIZE, "images per step"),
                                 ("--image-size", 28, "image height and width"),
                                 ("--patch-size", TRAINING.patch_size, "patch height and width"),
                                 ("--dim", TRAINING.dim, "token width"),

@@ -163,16 +163,14 @@ class EpochRandomness:
         return [self.shift] + [layer.generator for layer in self.dropout_layers]
 
     def state(self):
-        """The device generators' states where they can be saved (NumPy); None on CuPy."""
-        states = []
-        for generator in self.generators():
-            bit_generator = getattr(generator, "bit_generator", None)
-            states.append(getattr(bit_generator, "state", None))
-        return states
+        """The device generators' states (JSON-ready dicts) where they can be saved: NumPy's. On CuPy
+        each is None, and a run resumed mid-epoch there re-seeds instead (the CPU resume is exact)."""
+        return [generator.bit_generator.state if isinstance(generator, host.random.Generator) else None
+                for generator in self.generators()]
 
     def restore(self, states):
         for generator, state in zip(self.generators(), states):
-            if state is not None and hasattr(generator, "bit_generator"):
+            if state is not None and isinstance(generator, host.random.Generator):
                 generator.bit_generator.state = state
 
 
@@ -254,16 +252,18 @@ class Progress:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True) if tqdm else None
+        self.terminal = sys.stderr.isatty()          # no progress display in logs and pipes, only the epoch lines
+        self.bar = None
+        if tqdm is not None and self.terminal:
+            self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)
         self.total, self.done, self.description, self.batch_size = total, 0, description, batch_size
-        self.terminal = self.bar is None and sys.stderr.isatty()
 
     def update(self, steps, loss, images_per_second):
         self.done += steps
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.0f}", refresh=False)
             self.bar.update(steps)
-        elif self.terminal:
+        elif self.terminal:                          # tqdm not installed: one line, redrawn
             left = (self.total - self.done) * self.batch_size / max(images_per_second, 1e-9)
             print(f"\r{self.description}  {self.done}/{self.total}  loss {loss:.4f}  {images_per_second:.0f} img/s  "
                   f"left {left:.0f}s ", end="", file=sys.stderr, flush=True)
