@@ -12,7 +12,7 @@ import sys
 
 from scratchvit.backend import BackendUnavailable
 from scratchvit.data import DataError
-from scratchvit.train import CheckpointError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
+from scratchvit.train import CheckpointError, ConfigError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
 
 
 def build_parser():
@@ -44,6 +44,8 @@ def build_parser():
     parser.add_argument("--out-dir", default=defaults.out_dir, help="where metrics.jsonl, checkpoint.npz and plots go")
     parser.add_argument("--train-limit", type=int, default=defaults.train_limit,
                         help="train on the first N training images only")
+    parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size,
+                        help="images per forward pass when measuring test accuracy")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--eval-only", action="store_true", help="print the test accuracy of --checkpoint and exit")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
@@ -67,7 +69,7 @@ def main(argv=None):
             evaluate_checkpoint(args.checkpoint, config)
         else:
             run(config)
-    except (BackendUnavailable, ValueError) as error:
+    except (BackendUnavailable, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (DataError, CheckpointError, NonFiniteLoss) as error:

@@ -92,7 +92,8 @@ def keep_freed_host_memory():
     By default glibc returns freed memory at the top of the heap to the OS and serves big requests
     with fresh mmap()s, so every step page-faults all of that memory in again: on a small ViT this
     costs a fifth of the CPU step time, most of it in LayerNorm. With these settings freed memory
-    stays in the process (the heap grows to the step's peak, ~200 MB at batch 128, and stays).
+    stays in the process (the heap grows to the step's peak and stays: about 190 MiB of temporaries
+    at batch 128, 95 MiB at batch 64, as `python -m scratchvit.bench` reports).
     Called by the training loop and the benchmark on the CPU; the library does not call it on
     import. Returns False where it does not apply (not glibc).
     """
@@ -154,7 +155,7 @@ def cupy_or_error():
         raise BackendUnavailable(f"CuPy is installed but no CUDA device is usable ({error}); "
                                  "check the NVIDIA driver, or run on the CPU") from None
     if device_count == 0:
-        raise BackendUnavailable("CuPy is installed but no CUDA device is visible; run on the CPU") from None
+        raise BackendUnavailable("CuPy is installed but no CUDA device is visible; run on the CPU")
     return cupy
 
 

@@ -53,7 +53,7 @@ single-thread comparison (NumPy's BLAS reads its own thread count from the envir
     OPENBLAS_NUM_THREADS=1 python -m scratchvit.bench --compare-torch --threads 1
 
 Examples
-    python -m scratchvit.bench                                  # CPU, the MNIST training configuration
+    python -m scratchvit.bench                                  # CPU, the MNIST model at batch 128
     python -m scratchvit.bench --compare-torch --steps 60       # and the same ViT in PyTorch
     python -m scratchvit.bench --device gpu --compare-torch --batch-size 512
     python -m scratchvit.bench --depth 2 --dim 32 --json > bench.json     # one JSON object, for scripts
@@ -79,7 +79,7 @@ from .train import TrainConfig, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 
-BENCH_BATCH_SIZE = 128   # the comparison point (training itself defaults to batch 64)
+BENCH_BATCH_SIZE = 128   # the batch of the PyTorch reference figures in the README (training uses 64)
 
 MIB = 2 ** 20
 TORCH_NEEDED = "torch is needed only for --compare-torch: pip install torch"
@@ -94,7 +94,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m scratchvit.bench",
         description="Time scratchvit's full training step (forward, loss, backward, clip, AdamW) on random data, "
-                    "optionally against the same ViT in PyTorch. Defaults: the MNIST training configuration.",
+                    "optionally against the same ViT in PyTorch. Defaults: the MNIST model at batch 128.",
         epilog="NumPy's BLAS threads come from the environment: set OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS / "
                "MKL_NUM_THREADS) before starting Python. Ratio = scratchvit ms / torch ms: below 1 means "
                "scratchvit is faster.")

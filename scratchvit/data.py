@@ -164,16 +164,20 @@ def read_idx(path, ndim=None):
 
 
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`.
+    """Write `data` to `path` via a temporary file in the same folder, flushed to disk, and `os.replace`.
 
-    Readers see either the old file or the complete new one, never a partial write; on any failure
-    the temporary file is removed.
+    Readers see either the old file or the complete new one, never a partial write, even after a
+    crash; on any failure the temporary file is removed. Missing parent folders are created.
+    (Also how training writes its checkpoints.)
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(descriptor, "wb") as temporary_file:
             temporary_file.write(data)
+            temporary_file.flush()
+            os.fsync(temporary_file.fileno())
         os.replace(temporary_name, path)
     except BaseException:
         try:

@@ -29,16 +29,19 @@ class EncoderBlock(Layer):
 
     def forward(self, x):
         h = self.attn_dropout.forward(self.attn.forward(self.attn_norm.forward(x)))
-        x = x + h
+        h += x              # x = x + h, in h: a fresh array that no layer keeps (x itself stays untouched)
+        x = h
         h = self.gelu.forward(self.fc1.forward(self.mlp_norm.forward(x)))
         h = self.mlp_dropout.forward(self.fc2.forward(self.hidden_dropout.forward(h)))
-        return x + h
+        h += x
+        return h
 
     def backward(self, grad_out):
         # forward: x = x + mlp_dropout(fc2(hidden_dropout(gelu(fc1(mlp_norm(x))))))
         grad_h = self.fc2.backward(self.mlp_dropout.backward(grad_out))
         grad_h = self.fc1.backward(self.gelu.backward(self.hidden_dropout.backward(grad_h)))
-        grad_x = grad_out + self.mlp_norm.backward(grad_h)
+        grad_x = self.mlp_norm.backward(grad_h)
+        grad_x += grad_out                            # the residual: dL/dx_in = dL/dx_out + branch gradient
         # forward: x = x + attn_dropout(attn(attn_norm(x)))
         grad_h = self.attn.backward(self.attn_dropout.backward(grad_x))
         grad_x += self.attn_norm.backward(grad_h)     # grad_x is our own temporary: safe to update in place

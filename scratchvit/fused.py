@@ -14,7 +14,8 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
 | layernorm_backward                       | LayerNorm.backward (gamma/beta sums stay column_sum)     | 1 + 3    |
 | softmax_forward / softmax_backward       | layers/softmax.py  softmax(scale*s) / softmax_backward   | 1 / 1    |
 | dropout_forward                          | layers/dropout.py  Dropout.forward (mask and output)     | 1 + cuRAND |
-| add_dropout, add_dropout_forward         | x + dropout(h): a residual add after dropout             | 1 (+ cuRAND) |
+| add_dropout, add_dropout_forward         | x + dropout(h): a residual add after dropout (not yet    | 1 (+ cuRAND) |
+|                                          | used by EncoderBlock: to be wired where it can be timed) |          |
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
 

@@ -85,8 +85,9 @@ class AdamW:
             self.weight_decay = max(decays)
             self.decay_mask = xp.zeros(total, dtype=dtype)
             for start, end, decay in decay_runs:
-                self.decay_mask[start:end] = decay / self.weight_decay if self.weight_decay else 0.0
-        self.update = xp.empty(total, dtype=dtype)           # scratch space, reused every step
+                self.decay_mask[start:end] = decay / self.weight_decay    # weight_decay > 0: the decays differ
+        # scratch space for the CPU step, reused every step (the GPU step is one fused kernel)
+        self.update = None if is_gpu_array(self.data) else xp.empty(total, dtype=dtype)
 
     def zero_grad(self):
         self.grad.fill(0)

@@ -15,11 +15,16 @@ from .backend import get_array_module, host, to_host
 MATPLOTLIB_HINT = 'the plots need matplotlib: pip install "scratchvit[plot]" (or pip install matplotlib)'
 
 
+def matplotlib_available():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError(f"--plot: {MATPLOTLIB_HINT}") from None
+        raise ImportError(MATPLOTLIB_HINT) from None
     matplotlib.use("Agg")
 
 

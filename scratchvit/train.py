@@ -24,10 +24,8 @@ import dataclasses
 import io
 import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -35,7 +33,7 @@ import zlib
 from pathlib import Path
 
 from .backend import get_array_module, get_backend, host, host_generator, keep_freed_host_memory, random_generator
-from .data import DataError, load_mnist, normalize, random_shift
+from .data import DataError, atomic_write_bytes, load_mnist, normalize, random_shift
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
 from .train_step import TrainStep
@@ -71,28 +69,32 @@ class TrainConfig:
     plot: bool = False
 
     def validate(self):
-        """ValueError naming the first option that cannot work (model options are checked by ViT itself)."""
+        """ConfigError naming the first option that cannot work (model options are checked by build_model)."""
         positive = ("epochs", "batch_size", "eval_batch_size")
         non_negative = ("weight_decay", "warmup_epochs", "clip_grad_norm", "max_shift")
         for name in positive:
             if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         for name in non_negative:
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads!r}")
+            raise ConfigError(f"threads must be at least 1, got {self.threads!r}")
         if self.train_limit is not None and self.train_limit < 1:
-            raise ValueError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
+            raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     def model_config(self, image_size, channels=1, num_classes=10):
         return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
                     depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim, channels=channels,
                     dropout=self.dropout, emb_dropout=0.0)
+
+
+class ConfigError(ValueError):
+    """An option that cannot work: a bad value, a model that does not fit the data, a missing extra."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -153,11 +155,11 @@ class EpochRandomness:
     """The generators one epoch draws from: the shuffle (host), the shifts and dropout (device)."""
 
     def __init__(self, models, xp, seed, epoch):
-        self.shuffle = host_generator(epoch_seed(seed, epoch, 0))
+        self.shuffle = host_generator(epoch_seed(seed, epoch, 0))   # on the host: the same order on CPU and GPU
         self.shift = random_generator(xp, epoch_seed(seed, epoch, 1))
         self.dropout_layers = [layer for model in models for layer in model.dropout_layers()]
         for index, layer in enumerate(self.dropout_layers):
-            layer.generator, layer.generator_xp = random_generator(xp, epoch_seed(seed, epoch, 2 + index)), xp
+            layer.reseed(xp, epoch_seed(seed, epoch, 2 + index))
 
     def generators(self):
         return [self.shift] + [layer.generator for layer in self.dropout_layers]
@@ -169,6 +171,10 @@ class EpochRandomness:
                 for generator in self.generators()]
 
     def restore(self, states):
+        if len(states) != len(self.generators()):
+            raise CheckpointError(f"the checkpoint was written mid-epoch by a run with {len(states) - 1} dropout "
+                                  f"generators (one set per thread), this run has {len(self.generators()) - 1}: "
+                                  f"resume with the same --threads")
         for generator, state in zip(self.generators(), states):
             if state is not None and isinstance(generator, host.random.Generator):
                 generator.bit_generator.state = state
@@ -176,23 +182,6 @@ class EpochRandomness:
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints
-
-def atomic_write(path, data):
-    """Write bytes to path via a temporary file in the same folder and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
 
 def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, random_state, history):
     arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
@@ -205,7 +194,7 @@ def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, ran
     arrays["meta"] = host.frombuffer(json.dumps(meta).encode(), dtype=host.uint8)
     buffer = io.BytesIO()
     host.savez(buffer, **arrays)
-    atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path):
@@ -346,6 +335,14 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
 
 
+def build_model(config, data):
+    """The ViT for `config` and the data's image size and classes; ConfigError if the options do not fit."""
+    try:
+        return ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def load_data(config, backend):
     arrays = load_mnist(config.data_dir)
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
@@ -369,15 +366,14 @@ def run(config, *, log=log_line, on_step=None):
     backend = get_backend(config.device)
     if backend.name == "cpu":
         keep_freed_host_memory()
-    xp = backend.xp
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.npz"
     if config.plot:
-        from .plots import require_matplotlib
-        require_matplotlib()
+        from .plots import MATPLOTLIB_HINT, matplotlib_available
+        if not matplotlib_available():
+            raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
     data = load_data(config, backend)
-    model = ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
-    model.to(backend)
+    model = build_model(config, data).to(backend)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
                            threads=config.threads)
@@ -407,6 +403,9 @@ def run(config, *, log=log_line, on_step=None):
     # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
     with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for epoch in range(start_epoch, config.epochs):
+            if interrupt.requested:          # Ctrl-C came during the last evaluation: its checkpoint is written
+                raise KeyboardInterrupt(f"interrupted: checkpoint of epoch {epoch} in {checkpoint_path}; "
+                                        f"continue with --resume")
             resuming_here = epoch == start_epoch and start_step > 0
             record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
                                  first_step=start_step if resuming_here else 0,
@@ -436,7 +435,7 @@ def evaluate_checkpoint(path, config, *, log=log_line):
     backend = get_backend(config.device)
     meta, model_state, _ = load_checkpoint(path)
     data = load_data(config, backend)
-    model = ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
+    model = build_model(config, data)
     check_same_model(path, meta["model_config"], model.config)
     model.load_state_dict(model_state)
     model.to(backend)

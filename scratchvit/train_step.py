@@ -47,9 +47,11 @@ class TrainStep:
             raise ValueError(f"threads must be at least 1, got {threads!r}")
         self.threads = threads if on_cpu and threads > 1 and can_limit_blas_threads() else 1
         self.replicas = []        # [(model, loss_fn)] per thread, the first being the model itself
+        self.parameter_pairs = [] # per replica after the first: [(model's parameter, replica's parameter)]
         self.pool = None
         if self.threads > 1:
             self.replicas = [(model, loss_fn)] + [self._replica() for _ in range(self.threads - 1)]
+            self.parameter_pairs = [list(zip(model.parameters(), replica.parameters())) for replica, _ in self.replicas[1:]]
             self.pool = ThreadPoolExecutor(self.threads, initializer=limit_blas_to_one_thread_here)
 
     def _replica(self):
@@ -65,7 +67,7 @@ class TrainStep:
 
     def __call__(self, images, labels):
         self.optimizer.zero_grad()
-        if self.threads == 1:
+        if self.threads == 1 or images.shape[0] < 2 * MIN_IMAGES_PER_THREAD:   # too small to split: BLAS keeps both cores
             loss = self.loss_fn.forward(self.model.forward(images), labels)
             self.model.backward(self.loss_fn.backward())
         else:
@@ -77,17 +79,17 @@ class TrainStep:
 
     def _parallel_forward_backward(self, images, labels):
         batch = images.shape[0]
-        chunks = max(1, min(self.threads, batch // MIN_IMAGES_PER_THREAD))
+        chunks = min(self.threads, batch // MIN_IMAGES_PER_THREAD)
         bounds = [batch * index // chunks for index in range(chunks + 1)]
-        for replica, _ in self.replicas[1:chunks]:
-            self._follow_main_model(replica)
+        for index in range(1, chunks):
+            self._follow_main_model(index)
         error_settings = host.geterr()     # NumPy's floating-point error settings are per thread: pass ours on
         futures = [self.pool.submit(self._chunk_forward_backward, self.replicas[index], images[start:end],
                                     labels[start:end], (end - start) / batch, error_settings)
                    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
         loss = sum(future.result() for future in futures)
-        for replica, _ in self.replicas[1:chunks]:           # dL/dtheta = sum over chunks
-            for parameter, copied in zip(self.model.parameters(), replica.parameters()):
+        for pairs in self.parameter_pairs[:chunks - 1]:      # dL/dtheta = sum over chunks
+            for parameter, copied in pairs:
                 parameter.grad += copied.grad
         return loss
 
@@ -99,11 +101,12 @@ class TrainStep:
             model.backward(loss_fn.backward(weight))        # weight = n_i / B: the chunk's share of the mean
         return loss * weight
 
-    def _follow_main_model(self, replica):
-        """Point the replica at the model's current weight arrays and mode, and clear its gradients."""
-        for parameter, copied in zip(self.model.parameters(), replica.parameters()):
+    def _follow_main_model(self, index):
+        """Point replica `index` at the model's current weight arrays and mode, and clear its gradients."""
+        for parameter, copied in self.parameter_pairs[index - 1]:
             if copied.data is not parameter.data:
                 copied.data = parameter.data
             copied.grad.fill(0)
+        replica = self.replicas[index][0]
         if replica.training != self.model.training:
             replica.train(self.model.training)

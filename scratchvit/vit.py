@@ -35,8 +35,9 @@ from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 
 # cls_token and pos_embedding start as standard Gaussian noise, as in vit-pytorch (timm uses 0.02). Measured
-# here on MNIST (one epoch on 20,000 images, batch 32): 94.6% test accuracy with 1.0, 93.0% with 0.2 and
-# 83.5% with 0.02: distinct position vectors from the start let attention use position at once.
+# here on MNIST, one epoch on 20,000 images at batch 32 with ±1-pixel shifts: 94.6% test accuracy with
+# 1.0, 93.0% with 0.2 and 83.5% with 0.02 (with the training defaults, batch 64 and ±2-pixel shifts,
+# 1.0 gives 91.7%): distinct position vectors from the start let attention use position at once.
 POSITION_INIT_STD = 1.0
 
 

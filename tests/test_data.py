@@ -455,6 +455,7 @@ def test_random_shift_zero_is_identity_and_fill_can_be_overridden():
     numpy.testing.assert_array_equal(shifted, shift_reference(images, shifts, 0.0))
 
 
+@pytest.mark.gpu
 def test_gpu_shift_and_normalize_match_cpu():
     pytest.importorskip("cupy")
     try:

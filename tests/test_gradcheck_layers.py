@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from scratchvit.backend import host_generator, to_host
 from scratchvit.gradcheck import (GradCheckReport, TensorCheck, check_layer, format_table,
                                   randomize_parameters)
-from scratchvit.layers import (GELU, Dropout, Layer, LayerNorm, Linear, MultiHeadSelfAttention, Parameter,
+from scratchvit.layers import (GELU, Dropout, Layer, LayerNorm, Linear, MultiHeadSelfAttention,
                                Patchify, SoftmaxCrossEntropy, softmax, softmax_backward)
 
 # Tolerances, float64, central differences with eps = 1e-6; an element passes if

@@ -18,7 +18,8 @@ import numpy
 import pytest
 
 from scratchvit.data import MNIST_FILES, write_idx
-from scratchvit.train import (NonFiniteLoss, TrainConfig, atomic_write, evaluate_checkpoint, load_checkpoint,
+from scratchvit.data import atomic_write_bytes as atomic_write
+from scratchvit.train import (NonFiniteLoss, TrainConfig, evaluate_checkpoint, load_checkpoint,
                               run)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

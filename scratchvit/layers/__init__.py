@@ -9,6 +9,7 @@
 | GELU                     | gelu.py                      |
 | Dropout                  | dropout.py                   |
 | softmax (shared)         | softmax.py                   |
+| row and column sums      | reductions.py                |
 | MultiHeadSelfAttention   | attention.py                 |
 | SoftmaxCrossEntropy      | softmax_cross_entropy.py     |
 """

@@ -6,7 +6,7 @@ Shapes (B batch, T tokens, D = dim, H heads, d = head_dim = D / H)
 
 Forward
     qkv = x @ W_qkv + b_qkv                     the Linear `qkv`, D -> 3D
-    q, k, v = split of qkv as [3, H, d]         (the user's notes: view 3D as [3, n_heads, d_k])
+    q, k, v = split of qkv as [3, H, d]         (the last axis of qkv, 3D, viewed as [3, heads, head_dim])
     scores = (q @ k^T) / sqrt(d)                scale 1/sqrt(head_dim): dot products of d unit-variance
                                                 terms have variance d, so this keeps softmax unsaturated
     attn = softmax(scores)                      over the last axis: each row is positive, sums to 1
@@ -33,8 +33,10 @@ class MultiHeadSelfAttention(Layer):
     def __init__(self, dim, heads, *, dtype="float32", rng=None):
         if int(heads) != heads or heads <= 0:
             raise ValueError(f"heads must be a positive integer, got {heads!r}")
-        if int(dim) != dim or dim <= 0 or dim % heads:
-            raise ValueError(f"dim must be a positive multiple of heads: dim {dim!r} is not divisible by heads {heads!r}")
+        if int(dim) != dim or dim <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if dim % heads:
+            raise ValueError(f"dim {dim!r} must be divisible by heads {heads!r}")
         self.dim, self.heads = int(dim), int(heads)
         self.head_dim = self.dim // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)      # 1/sqrt(head_dim), not dim, and no floor division
@@ -53,8 +55,9 @@ class MultiHeadSelfAttention(Layer):
         H, d = self.heads, self.head_dim
         qkv = self.qkv.forward(x)                                          # (B, T, 3D)
         qkv = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)          # (3, B, H, T, d)
-        # Contiguous copies of q, k, k^T, v and v^T: small batched products are about twice as fast
-        # on contiguous operands as on transposed views, and the copies cost less than that.
+        # A CPU optimisation: contiguous copies of k, k^T, v and v^T (q_scaled is a new array anyway),
+        # because NumPy's small batched products run about twice as fast on contiguous operands as on
+        # transposed views, and the copies cost less than that.
         q_scaled = qkv[0] * self.scale                                     # (B, H, T, d)
         k = xp.ascontiguousarray(qkv[1])                                   # (B, H, T, d)
         v = xp.ascontiguousarray(qkv[2])                                   # (B, H, T, d)
@@ -81,7 +84,7 @@ class MultiHeadSelfAttention(Layer):
         grad_attn = grad_context @ v_transposed                                    # (B, H, T, T)
         xp.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])       # g_v = attn^T g_context
         # forward: attn = softmax(scores)
-        grad_scores = softmax_backward(attn, grad_attn)                            # (B, H, T, T)
+        grad_scores = softmax_backward(attn, grad_attn, overwrite=True)            # (B, H, T, T)
         # forward: scores = q_scaled @ k^T, q_scaled = q * scale
         xp.matmul(grad_scores, k, out=grad_qkv[0])                                 # g_q_scaled = g_scores k
         grad_qkv[0] *= self.scale                                                  # g_q = g_q_scaled * scale

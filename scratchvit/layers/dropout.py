@@ -28,6 +28,11 @@ class Dropout(Layer):
         self.mask_fixed = False
         self.mask = None          # keep / (1 - p), used later in backward
 
+    def reseed(self, xp, seed):
+        """A fresh generator on xp's device (NumPy or CuPy), seeded by `seed`."""
+        self.seed = seed
+        self.generator, self.generator_xp = random_generator(xp, seed), xp
+
     def fix_mask(self):
         """Reuse the current mask (drawn at the next forward if there is none) until release_mask()."""
         self.mask_fixed = True
@@ -44,7 +49,7 @@ class Dropout(Layer):
         if not (self.mask_fixed and self.mask is not None and self.mask.shape == x.shape):
             xp = get_array_module(x)
             if self.generator_xp is not xp:
-                self.generator, self.generator_xp = random_generator(xp, self.seed), xp
+                self.reseed(xp, self.seed)
             if is_gpu_array(x):              # mask and output in one fused kernel (fused.py)
                 from ..fused import dropout_forward
                 y, self.mask = dropout_forward(x, self.p, self.generator)

@@ -4,22 +4,25 @@ Shapes
     x (..., D)   weight gamma (D,)   bias beta (D,)   y (..., D)
     per row (every index of the leading axes): mean mu, reciprocal std rstd, both (..., 1)
 
-Forward, for one row x_1..x_D:
-    mu    = (1/D) sum_i x_i
-    var   = (1/D) sum_i (x_i - mu)^2               (biased, as in PyTorch)
-    rstd  = 1 / sqrt(var + eps)                    eps keeps rstd finite for a constant row
-    xhat_i = (x_i - mu) * rstd                     mean 0, variance 1 (up to eps)
-    y_i   = gamma_i * xhat_i + beta_i
+Forward, for one row x_1..x_D, in numbered steps:
+    (1) mu     = (1/D) sum_i x_i
+    (2) xc_i   = x_i - mu                             centred
+    (3) var    = (1/D) sum_i xc_i^2                   (biased, as in PyTorch)
+    (4) rstd   = (var + eps)^(-1/2)                   eps keeps rstd finite for a constant row
+    (5) xhat_i = xc_i * rstd                          mean 0, variance 1 (up to eps)
+    (6) y_i    = gamma_i * xhat_i + beta_i
 
-Backward. Let g_i = dL/dy_i.
-    dL/dbeta_i  = sum over rows of g_i
-    dL/dgamma_i = sum over rows of g_i * xhat_i
-    dL/dxhat_i  = g_i * gamma_i                                          =: h_i
-  xhat depends on x directly and through mu and rstd. Using
-    d xhat_i / d x_j = rstd * (delta_ij - 1/D - xhat_i * xhat_j / D)
-  (differentiate (x_i - mu) * rstd, with d mu/d x_j = 1/D and d rstd/d x_j = -rstd^2 * xhat_j / D),
-    dL/dx_j = sum_i h_i * d xhat_i / d x_j
-            = rstd * (h_j - mean_i(h_i) - xhat_j * mean_i(h_i * xhat_i))
+Backward, the same steps in reverse, with g_i = dL/dy_i (sums over i run over the row):
+    (6) dL/dbeta_i  = sum over rows of g_i,   dL/dgamma_i = sum over rows of g_i * xhat_i
+        h_i := dL/dxhat_i = g_i * gamma_i
+    (5) xhat = xc * rstd:   g_xc_i = h_i * rstd (directly),   g_rstd = sum_i h_i * xc_i
+    (4) g_var = g_rstd * (-1/2) (var + eps)^(-3/2) = -(1/2) rstd^3 * g_rstd
+    (3) var = mean(xc^2):   g_xc_i += g_var * 2 xc_i / D
+        Substituting xc = xhat / rstd, (5)-(3) together give
+        g_xc_i = rstd * (h_i - xhat_i * mean_i(h_i * xhat_i))
+    (2) xc = x - mu:   g_x_i = g_xc_i,   g_mu = -sum_i g_xc_i
+    (1) mu = mean(x):  g_x_i += g_mu / D,  that is  g_x = g_xc - mean(g_xc)
+  In all:  dL/dx_j = rstd * (h_j - mean_i(h_i) - xhat_j * mean_i(h_i * xhat_i)).
   Only xhat and rstd are needed, so they are what forward keeps.
 
 On the GPU, forward and the input gradient each run as one fused CuPy kernel (fused.py) with
@@ -70,13 +73,17 @@ class LayerNorm(Layer):
             self.weight.grad += grad_gamma
             self.bias.grad += grad_beta
             return grad_x
-        # forward: y = xhat * gamma + beta
-        self.bias.grad += column_sum(grad_out)
-        self.weight.grad += column_sum(grad_out * xhat)
-        grad_xhat = grad_out * self.weight.data                                  # h
-        # forward: xhat = (x - mu) * rstd, with mu and rstd functions of x (see the docstring)
-        mean_h_xhat = row_mean(grad_xhat * xhat)
-        grad_x = grad_xhat - row_mean(grad_xhat)
-        grad_x -= xhat * mean_h_xhat
-        grad_x *= rstd
-        return grad_x
+        # (6) y = xhat * gamma + beta
+        grad_out_xhat = grad_out * xhat                                          # g * xhat
+        self.bias.grad += column_sum(grad_out)                                   # dL/dbeta
+        self.weight.grad += column_sum(grad_out_xhat)                            # dL/dgamma
+        grad_xc = grad_out * self.weight.data                                    # h = dL/dxhat
+        # (5)-(3) xhat = xc * rstd, rstd = (var + eps)^(-1/2), var = mean(xc^2):
+        #   g_xc / rstd = h - xhat * mean(h * xhat), and mean(h * xhat) = (g * xhat) @ gamma / D
+        mean_h_xhat = (grad_out_xhat @ self.weight.data)[..., None]
+        mean_h_xhat *= 1.0 / self.dim
+        grad_xc -= xhat * mean_h_xhat
+        # (2), (1) xc = x - mu, mu = mean(x):  g_x = g_xc - mean(g_xc)
+        grad_xc -= row_mean(grad_xc)
+        grad_xc *= rstd                                                          # the factor rstd of g_xc
+        return grad_xc

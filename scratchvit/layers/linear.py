@@ -3,7 +3,7 @@
 Shapes
     x (..., D_in)   weight W (D_in, D_out)   bias b (D_out,)   y (..., D_out)
 
-W is stored as (in_features, out_features), the orientation of the user's notes, so the forward
+W is stored as (in_features, out_features) (PyTorch stores its transpose), so the forward
 is `x @ W` with no transpose. Any number of leading axes is allowed: they are flattened into one
 row axis of M = prod(...) rows, so BLAS (or cuBLAS) sees one large product, not a loop of small ones.
 

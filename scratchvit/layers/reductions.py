@@ -13,7 +13,7 @@ _ones_cache = {}
 
 
 def _ones(xp, n, dtype):
-    key = (xp.__name__, n, dtype)
+    key = (xp.__name__, n, dtype, xp.cuda.Device().id if xp.__name__ == "cupy" else None)   # one per GPU
     ones = _ones_cache.get(key)
     if ones is None:
         ones = _ones_cache[key] = xp.ones(n, dtype=dtype)

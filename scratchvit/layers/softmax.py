@@ -23,21 +23,24 @@ def softmax(scores, *, overwrite=False):
         from ..fused import softmax_forward
         return softmax_forward(scores)
     xp = get_array_module(scores)
-    shifted = scores if overwrite else scores.copy()
-    shifted -= shifted.max(axis=-1, keepdims=True)
-    probs = xp.exp(shifted, out=shifted)
-    inverse_sums = row_sum(probs)
-    probs *= xp.reciprocal(inverse_sums, out=inverse_sums)     # one division per row, then multiplies
-    return probs
+    exps = scores if overwrite else scores.copy()
+    exps -= exps.max(axis=-1, keepdims=True)                   # s - m: every entry <= 0
+    xp.exp(exps, out=exps)                                      # exp(s - m), in (0, 1]
+    row_sums = row_sum(exps)                                    # >= 1: the maximum contributes exp(0) = 1
+    exps *= xp.reciprocal(row_sums, out=row_sums)               # p: one division per row, then multiplies
+    return exps
 
 
-def softmax_backward(probs, grad_probs):
-    """dL/ds = p * (g - sum(g * p)) for p = softmax(s) and g = dL/dp, row-wise over the last axis."""
+def softmax_backward(probs, grad_probs, *, overwrite=False):
+    """dL/ds = p * (g - sum(g * p)) for p = softmax(s) and g = dL/dp, row-wise over the last axis.
+    With overwrite=True the result is computed in the memory of `grad_probs` (the caller's temporary)."""
     if is_gpu_array(probs):
         from ..fused import softmax_backward as fused_softmax_backward
         return fused_softmax_backward(probs, grad_probs)
-    grad_scores = grad_probs * probs
-    grad_scores -= probs * row_sum(grad_scores)
+    row_dots = row_sum(grad_probs * probs)                      # sum_i g_i p_i, one per row
+    grad_scores = grad_probs if overwrite else grad_probs.copy()
+    grad_scores -= row_dots                                     # g_j - sum_i g_i p_i
+    grad_scores *= probs                                        # p_j (g_j - sum_i g_i p_i)
     return grad_scores
 
 

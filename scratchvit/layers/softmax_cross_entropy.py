@@ -49,7 +49,7 @@ class SoftmaxCrossEntropy(Layer):
         if s:
             nll = (1.0 - s) * nll - s * log_probs.mean(axis=1)
         self.probs, self.labels = xp.exp(log_probs), labels
-        return nll.mean()
+        return xp.asarray(nll.mean())                                           # 0-d array, as on the GPU
 
     def backward(self, grad_loss=1.0):
         if is_gpu_array(self.probs):
