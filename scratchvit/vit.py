@@ -141,10 +141,6 @@ class ViT(Layer):
         for layer in self.dropout_layers():
             layer.fix_mask()
 
-    def release_dropout_masks(self):
-        for layer in self.dropout_layers():
-            layer.release_mask()
-
     def state_dict(self):
         """{name: NumPy copy of the parameter}, in named_parameters() order."""
         return {name: to_host(parameter.data).copy() for name, parameter in self.named_parameters()}

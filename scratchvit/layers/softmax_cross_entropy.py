@@ -34,7 +34,7 @@ class SoftmaxCrossEntropy(Layer):
         if labels.shape != (B,):
             raise ValueError(f"labels must have shape ({B},) to match logits {logits.shape}, got {labels.shape}")
         # label range check on the host only: on the GPU it would wait for the device every step
-        if xp.__name__ == "numpy" and B and not (0 <= labels.min() and labels.max() < C):
+        if not is_gpu_array(logits) and B and not (0 <= labels.min() and labels.max() < C):
             raise ValueError(f"labels must lie in [0, {C}), got values from {labels.min()} to {labels.max()}")
         if is_gpu_array(logits):             # the same formulas in one fused kernel per batch (fused.py)
             from ..fused import cross_entropy_forward
