@@ -3,14 +3,15 @@
 This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
 Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
-non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems
-and a diverged run, 130 after Ctrl-C (a checkpoint is written first).
+non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
+a diverged run and a failed CUDA graph recording, 130 after Ctrl-C (a checkpoint is written first).
 """
 import argparse
 import dataclasses
 import sys
 
 from scratchvit.backend import BackendUnavailable
+from scratchvit.cuda_graph import CudaGraphError
 from scratchvit.data import DataError
 from scratchvit.train import CheckpointError, ConfigError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
 
@@ -32,6 +33,8 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads for the data-parallel training step (default: one per core)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="with --device gpu: record the training step once as a CUDA graph and replay it")
     model = parser.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=defaults.patch_size)
     model.add_argument("--dim", type=int, default=defaults.dim)
@@ -72,7 +75,7 @@ def main(argv=None):
     except (BackendUnavailable, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, NonFiniteLoss) as error:
+    except (DataError, CheckpointError, NonFiniteLoss, CudaGraphError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:

@@ -6,7 +6,8 @@ it: zero the gradients, forward, softmax cross-entropy, backward, clip the globa
 weight matrices only, as in training). The data are one random batch of the right shape (standard
 normal images, uniform random labels), made once and reused, so no data loading or augmentation is
 timed. `--warmup` untimed steps come first (on the GPU they also compile CuPy's kernels), then
-`--steps` timed steps.
+`--steps` timed steps. `--cuda-graph` (GPU) times the step replayed from a CUDA graph instead
+(scratchvit/cuda_graph.py): the first warm-up step runs plainly, the second records the graph.
 
 How it is timed
 - CPU: the host clock, `time.perf_counter()` around each step (NumPy and PyTorch on the CPU both
@@ -56,6 +57,7 @@ Examples
     python -m scratchvit.bench                                  # CPU, the MNIST model at batch 128
     python -m scratchvit.bench --compare-torch --steps 60       # and the same ViT in PyTorch
     python -m scratchvit.bench --device gpu --compare-torch --batch-size 512
+    python -m scratchvit.bench --device gpu --compare-torch --batch-size 512 --cuda-graph
     python -m scratchvit.bench --depth 2 --dim 32 --json > bench.json     # one JSON object, for scripts
 
 Exit status: 0 after a run; 2 for a bad option, no usable GPU backend, or torch missing for
@@ -73,6 +75,7 @@ import tracemalloc
 import numpy
 
 from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
+from .cuda_graph import GraphedTrainStep
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW
 from .train import TrainConfig, parameter_groups
@@ -124,6 +127,8 @@ def build_parser():
                              "with --compare-torch" + default)
     timing.add_argument("--compare-torch", action="store_true",
                         help="also time the same ViT in PyTorch (needs torch) and print the ratio")
+    timing.add_argument("--cuda-graph", action="store_true",
+                        help="GPU: time scratchvit's step replayed from a CUDA graph (scratchvit/cuda_graph.py)")
     timing.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both libraries: scratchvit's data-parallel step and "
                              "torch.set_num_threads(N) (default: one per core for scratchvit, torch's own choice)")
@@ -140,6 +145,8 @@ def _check_options(args):
         return f"--warmup must be 0 or more, got {args.warmup}"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
+    if args.cuda_graph and args.device != "gpu":
+        return f"--cuda-graph needs --device gpu (a CUDA graph records GPU work), got --device {args.device}"
     if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
         return f"--clip-grad-norm must be a finite number >= 0, got {args.clip_grad_norm}"
     return None
@@ -339,27 +346,31 @@ class Runner:
         self.times_ms += self.clock.time(self.step, count)
 
 
-def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None):
+def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None, cuda_graph=False):
     optimizer = AdamW(parameter_groups(model, TRAINING.weight_decay), lr=TRAINING.lr)
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None, threads=threads)
+    step = train_step
+    if cuda_graph:
+        optimizer.set_schedule([TRAINING.lr])      # a constant learning rate, looked up on the device
+        step = GraphedTrainStep(train_step)
     images, labels = backend.asarray(images), backend.asarray(labels)
     xp = backend.xp
     if backend.name == "gpu":
         clock = CudaEventClock(xp.cuda.Event, xp.cuda.get_elapsed_time)
     else:
         clock = HostClock()
-    runner = Runner("scratchvit", "scratchvit", lambda: train_step(images, labels), clock, backend.synchronize,
-                    sum(parameter.size for parameter in model.parameters()))
+    runner = Runner("scratchvit", "scratchvit (CUDA graph)" if cuda_graph else "scratchvit", lambda: step(images, labels),
+                    clock, backend.synchronize, sum(parameter.size for parameter in model.parameters()))
     runner.state_bytes = sum(array.nbytes for array in (optimizer.data, optimizer.grad, optimizer.exp_avg,
                                                         optimizer.exp_avg_sq, optimizer.update))
 
     def measure_memory():
         if backend.name == "gpu":
-            pool = xp.get_default_memory_pool()
-            return dict(peak_bytes=int(pool.total_bytes()), used_bytes=int(pool.used_bytes()),
-                        state_bytes=runner.state_bytes,
-                        note="CuPy default memory pool after the steps: peak_bytes = bytes held by the pool "
-                             "(its high-water mark), used_bytes = bytes in use")
+            pools = [xp.get_default_memory_pool()] + ([step.memory_pool] if cuda_graph else [])
+            return dict(peak_bytes=sum(int(pool.total_bytes()) for pool in pools),
+                        used_bytes=sum(int(pool.used_bytes()) for pool in pools), state_bytes=runner.state_bytes,
+                        note="CuPy's memory pools after the steps (the default one, and the CUDA graph's own): "
+                             "peak_bytes = bytes held by the pools (their high-water mark), used_bytes = in use")
         return dict(peak_bytes=traced_peak_bytes(runner.step), state_bytes=runner.state_bytes,
                     note="peak of the NumPy bytes allocated during one untimed step (tracemalloc); parameters, "
                          "gradients and AdamW state that exist before the step are state_bytes")
@@ -576,7 +587,7 @@ def _run(args, backend, config, model, torch):
     initial_state = model.state_dict()
     model.to(backend)
     model.train()
-    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads)]
+    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads, args.cuda_graph)]
     if torch is not None:
         runners.append(torch_runner(torch, config, initial_state, args, images, labels))
         if runners[1].parameters != runners[0].parameters:
@@ -603,7 +614,7 @@ def _run(args, backend, config, model, torch):
     report = dict(
         device=args.device,
         config=dict(config, batch_size=args.batch_size, dtype=args.dtype, clip_grad_norm=args.clip_grad_norm,
-                    lr=TRAINING.lr, weight_decay=TRAINING.weight_decay, seed=args.seed),
+                    lr=TRAINING.lr, weight_decay=TRAINING.weight_decay, seed=args.seed, cuda_graph=args.cuda_graph),
         timing=dict(clock=runners[0].clock.name, steps=args.steps, warmup=args.warmup, rounds=rounds),
         machine=machine_info(backend, torch),
         results=results,

@@ -18,21 +18,25 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
 |                                          | used by EncoderBlock: to be wired where it can be timed) |          |
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
+| adamw_scheduled_step                     | the same, lr and bias corrections read on the device     | 1 + 1    |
+| l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 1        |
 
 Every kernel is held against its plain version in tests/test_fused.py, on random inputs of several
 shapes, in float64 (tight tolerance) and float32.
 
-Two kinds of kernel:
+Three kinds of kernel:
 - `cupy.ElementwiseKernel` for elementwise work. Its type placeholder `T` takes the arrays' dtype, so
   one definition serves float32 and float64; scalar arguments declared `T` are cast to that dtype
   on the host, exactly as NumPy casts a Python float in `float32_array * 0.9`.
 - `cupy.RawKernel` for row-wise work (LayerNorm, softmax, cross-entropy): one thread block of
   ROW_BLOCK threads per row, each thread striding over the row, block-wide sums and maxima through
   shared memory. The source is compiled once per dtype, with `typedef float T;` or `typedef double T;`
-  in front. Rows may have any length (the loops stride), not only up to ROW_BLOCK.
+  in front. Rows may have any length (the loops stride), not only up to ROW_BLOCK. The one-thread
+  `scratchvit_adamw_scalars` is a raw kernel too.
+- `cupy.ReductionKernel` for the gradient norm (a map, a sum, a square root, in one launch).
 
 Import without CuPy: nothing here imports CuPy at module level. Kernels are built on first use and
-cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`), so each is defined once per
+cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`, `_reduction_kernels`), so each is defined once per
 process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
 (labels: any integer dtype); inputs of one call must share a dtype.
 
@@ -50,7 +54,8 @@ from .layers.reductions import column_sum
 
 __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
            "softmax_forward", "softmax_backward", "dropout_forward", "add_dropout", "add_dropout_forward",
-           "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "ROW_BLOCK"]
+           "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "adamw_scheduled_step", "l2_norm",
+           "ROW_BLOCK"]
 
 ROW_BLOCK = 128   # threads per block of the row-wise raw kernels (a power of two, as the reductions need)
 
@@ -70,6 +75,13 @@ _COMPILE_OPTIONS = ("--fmad=false",)
 _GELU_C = repr(SQRT_2_OVER_PI)                                  # c
 _GELU_CA = repr(SQRT_2_OVER_PI * CUBIC_COEFFICIENT)             # c * a
 _GELU_3CA = repr(3.0 * SQRT_2_OVER_PI * CUBIC_COEFFICIENT)      # 3 * c * a
+
+# optim.py AdamW.step, shared by the kernels that take its factors as arguments and those that read them
+_ADAMW_MOMENTS = ("exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
+                  "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n")
+_ADAMW_UPDATE = "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n"
+_ADAMW_MASKED = _ADAMW_MOMENTS + "param = param - (param * decay_mask) * decay_rate;\n" + _ADAMW_UPDATE
+_ADAMW_UNMASKED = _ADAMW_MOMENTS + "param = param * decay_factor;\n" + _ADAMW_UPDATE
 
 # name -> (in_params, out_params, operation)
 _ELEMENTWISE_SOURCES = {
@@ -130,21 +142,37 @@ _ELEMENTWISE_SOURCES = {
         "T grad, T decay_mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_rate, "
         "T inv_sqrt_bc2, T eps, T step_size",
         "T param, T exp_avg, T exp_avg_sq",
-        "exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
-        "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n"
-        "param = param - (param * decay_mask) * decay_rate;\n"
-        "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n",
+        _ADAMW_MASKED,
     ),
     # optim.py AdamW.step, one weight decay for all elements
     "scratchvit_adamw_unmasked": (
         "T grad, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_factor, "
         "T inv_sqrt_bc2, T eps, T step_size",
         "T param, T exp_avg, T exp_avg_sq",
-        "exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
-        "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n"
-        "param = param * decay_factor;\n"
-        "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n",
+        _ADAMW_UNMASKED,
     ),
+    # the same two updates with their step-dependent factors read from device memory, where
+    # scratchvit_adamw_scalars wrote them (AdamW.set_schedule: a step that a CUDA graph can replay)
+    "scratchvit_adamw_masked_scheduled": (
+        "T grad, T decay_mask, raw T scalars, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T eps",
+        "T param, T exp_avg, T exp_avg_sq",
+        "const T decay_rate = scalars[0];\n"
+        "const T inv_sqrt_bc2 = scalars[1];\n"
+        "const T step_size = scalars[2];\n" + _ADAMW_MASKED,
+    ),
+    "scratchvit_adamw_unmasked_scheduled": (
+        "T grad, raw T scalars, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T eps",
+        "T param, T exp_avg, T exp_avg_sq",
+        "const T decay_factor = scalars[0];\n"
+        "const T inv_sqrt_bc2 = scalars[1];\n"
+        "const T step_size = scalars[2];\n" + _ADAMW_UNMASKED,
+    ),
+}
+
+# name -> (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity) of a cupy.ReductionKernel
+_REDUCTION_SOURCES = {
+    # optim.py AdamW.grad_norm: sqrt(g . g) over the flat gradient buffer
+    "scratchvit_l2_norm": ("T x", "T norm", "x * x", "a + b", "norm = sqrt(a)", "0"),
 }
 
 # Shared by every row kernel, after `typedef float T;` / `typedef double T;`. Both reductions need
@@ -329,6 +357,25 @@ extern "C" __global__ void scratchvit_cross_entropy_forward(
     }
 }
 """,
+    # optim.py AdamW.step's step-dependent factors, computed on the device (one thread), in double
+    # precision as the host computes them, from a step counter and a learning-rate table kept there:
+    #   t = step + 1 (stored back);  lr = learning_rates[min(t, length) - 1]
+    #   scalars = [decay term, 1 / sqrt(1 - beta2^t), lr / (1 - beta1^t)]
+    # The decay term is lr * wd with a per-element mask, else the factor 1 - lr * wd.
+    "scratchvit_adamw_scalars": r"""
+extern "C" __global__ void scratchvit_adamw_scalars(
+        int* step, const double* learning_rates, const int length, const double beta1, const double beta2,
+        const double weight_decay, const int masked, T* scalars) {
+    const int t = step[0] + 1;
+    step[0] = t;
+    const double lr = learning_rates[(t < length ? t : length) - 1];
+    const double bias_correction1 = 1.0 - pow(beta1, (double)t);
+    const double bias_correction2 = 1.0 - pow(beta2, (double)t);
+    scalars[0] = (T)(masked ? lr * weight_decay : 1.0 - lr * weight_decay);
+    scalars[1] = (T)(1.0 / sqrt(bias_correction2));
+    scalars[2] = (T)(lr / bias_correction1);
+}
+""",
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,6 +385,7 @@ extern "C" __global__ void scratchvit_cross_entropy_forward(
 _cupy_module = None
 _elementwise_kernels = {}   # name -> cupy.ElementwiseKernel (type-generic: CuPy compiles per dtype)
 _raw_kernels = {}           # (name, dtype name) -> cupy.RawKernel
+_reduction_kernels = {}     # name -> cupy.ReductionKernel (type-generic)
 
 
 def _cupy():
@@ -355,6 +403,14 @@ def _elementwise(name):
         in_params, out_params, operation = _ELEMENTWISE_SOURCES[name]
         kernel = _cupy().ElementwiseKernel(in_params, out_params, operation, name, options=_COMPILE_OPTIONS)
         _elementwise_kernels[name] = kernel
+    return kernel
+
+
+def _reduction(name):
+    kernel = _reduction_kernels.get(name)
+    if kernel is None:
+        kernel = _cupy().ReductionKernel(*_REDUCTION_SOURCES[name], name=name, options=_COMPILE_OPTIONS)
+        _reduction_kernels[name] = kernel
     return kernel
 
 
@@ -617,6 +673,33 @@ def adamw_step(data, grad, exp_avg, exp_avg_sq, decay_mask, lr, beta1, beta2, ep
             grad, decay_mask, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
             1.0 / math.sqrt(bias_correction2), eps, lr / bias_correction1,
             data, exp_avg, exp_avg_sq)
+
+
+def adamw_scheduled_step(data, grad, exp_avg, exp_avg_sq, decay_mask, learning_rates, step, beta1, beta2, eps,
+                         weight_decay, scalars):
+    """`adamw_step` with its step-dependent values taken on the device, so that a CUDA graph can
+    record the call once and replay it every step (`AdamW.set_schedule`). Two launches:
+    scratchvit_adamw_scalars advances the int32 counter `step` (shape (1,)) to t, looks up
+    lr = learning_rates[min(t, len) - 1] (float64) and writes lr * wd (or 1 - lr * wd), 1 / sqrt(bc2)
+    and lr / bc1 into `scalars` (shape (3,), the parameters' dtype); then the update reads them."""
+    dtype = _float_dtype(data, grad, exp_avg, exp_avg_sq, scalars)
+    masked = decay_mask is not None
+    _raw("scratchvit_adamw_scalars", dtype)(
+        (1,), (1,), (step, learning_rates, _int32(learning_rates.size), numpy.float64(beta1), numpy.float64(beta2),
+                     numpy.float64(weight_decay), numpy.int32(masked), scalars))
+    if masked:
+        _float_dtype(data, decay_mask)
+        _elementwise("scratchvit_adamw_masked_scheduled")(
+            grad, decay_mask, scalars, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, data, exp_avg, exp_avg_sq)
+    else:
+        _elementwise("scratchvit_adamw_unmasked_scheduled")(
+            grad, scalars, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, data, exp_avg, exp_avg_sq)
+
+
+def l2_norm(x):
+    """sqrt(sum(x * x)) as a 0-d array, one launch: `AdamW.grad_norm`'s sqrt(g . g) without cuBLAS."""
+    _float_dtype(x)
+    return _reduction("scratchvit_l2_norm")(x)
 
 
 def _int32(value):

@@ -33,6 +33,7 @@ import zlib
 from pathlib import Path
 
 from .backend import get_array_module, get_backend, host, host_generator, keep_freed_host_memory, random_generator
+from .cuda_graph import GraphedTrainStep
 from .data import DataError, atomic_write_bytes, load_mnist, normalize, random_shift
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
@@ -65,6 +66,7 @@ class TrainConfig:
     train_limit: int = None
     eval_batch_size: int = 500
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
+    cuda_graph: bool = False     # GPU only: record the step once as a CUDA graph and replay it (cuda_graph.py)
     resume: bool = False
     plot: bool = False
 
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.cuda_graph and self.device != "gpu":
+            raise ConfigError(f"cuda_graph needs device 'gpu' (a CUDA graph records GPU work), got device {self.device!r}")
 
     def model_config(self, image_size, channels=1, num_classes=10):
         return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
@@ -286,7 +290,7 @@ class StopOnInterrupt:
 
 
 def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step, *, first_step, resume_state,
-                steps_per_epoch, total_steps, warmup_steps, checkpoint_path, history):
+                steps_per_epoch, checkpoint_path, history):
     """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics."""
     xp = get_array_module(data["train_images"])
     randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch)
@@ -298,9 +302,7 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
     progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}", config.batch_size)
     started = shown_at = time.perf_counter()
     shown_sum, shown_step = float(loss_sum), first_step
-    for step in range(first_step, steps_per_epoch):
-        optimizer.lr = warmup_cosine(epoch * steps_per_epoch + step, total_steps=total_steps,
-                                     warmup_steps=warmup_steps, peak_lr=config.lr)
+    for step in range(first_step, steps_per_epoch):     # the learning rate follows optimizer.set_schedule
         batch = order[step * config.batch_size:(step + 1) * config.batch_size]
         images = random_shift(data["train_images"][batch], config.max_shift, randomness.shift)
         loss_sum += train_step(images, data["train_labels"][batch])
@@ -375,14 +377,17 @@ def run(config, *, log=log_line, on_step=None):
     data = load_data(config, backend)
     model = build_model(config, data).to(backend)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
-    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
-                           threads=config.threads)
-
     train_count = data["train_images"].shape[0]
     steps_per_epoch = math.ceil(train_count / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     # the warmup is capped at a tenth of the run, so a short run (--epochs 1) still decays its learning rate
     warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 10)
+    optimizer.set_schedule([warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr)
+                            for step in range(total_steps)])
+    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
+                           threads=config.threads)
+    if config.cuda_graph:
+        train_step = GraphedTrainStep(train_step)
 
     start_epoch, start_step, random_state, history = 0, 0, None, []
     if config.resume:
@@ -410,8 +415,7 @@ def run(config, *, log=log_line, on_step=None):
             record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
                                  first_step=start_step if resuming_here else 0,
                                  resume_state=random_state if resuming_here else None,
-                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
-                                 checkpoint_path=checkpoint_path, history=history)
+                                 steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history)
             record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
             history.append(record)
             with open(metrics_path, "a") as file:

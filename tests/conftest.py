@@ -2,7 +2,7 @@
 
 - `backend`: every test that takes it runs on NumPy ("cpu") and, where CuPy imports and sees a GPU,
   on CuPy ("gpu") too; otherwise the GPU cases skip with the reason. They carry the `gpu` marker,
-  so `pytest -m "not gpu"` deselects them.
+  so `pytest -m "not gpu"` deselects them. `on_gpu` does the same for a test without the fixture.
 - Hypothesis profiles: `ci` (fewer examples, used by .ci/run) and `dev` (more, the default),
   chosen by the environment variable HYPOTHESIS_PROFILE.
 """
@@ -29,6 +29,13 @@ def _gpu_skip_reason():
 
 
 GPU_SKIP_REASON = _gpu_skip_reason()
+
+
+def on_gpu(test):
+    """Mark a test `gpu` and skip it, with the reason, where CuPy or a CUDA device is missing
+    (test modules import it: `from conftest import on_gpu`)."""
+    test = pytest.mark.skipif(GPU_SKIP_REASON is not None, reason=f"no GPU backend: {GPU_SKIP_REASON}")(test)
+    return pytest.mark.gpu(test)
 
 
 @pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])

@@ -1,10 +1,10 @@
 """scratchvit.fused: every fused CuPy kernel held against the plain layer or formula it replaces.
 
 The kernel tests need CuPy and a CUDA device: they carry the `gpu` marker and skip with the reason
-otherwise. Each runs the plain version on the same device arrays (the plain layers are array-module
-generic) and compares on random inputs of several shapes, row lengths below, at and above the raw
-kernels' block size, in float64 (tight tolerance: only rounding differs, from the reduction order
-and fused multiply-adds) and float32 (looser).
+otherwise. Each runs the plain version on host copies of the inputs (NumPy: on CuPy arrays the
+layers would call the very kernel under test) and compares on random inputs of several shapes, row
+lengths below, at and above the raw kernels' block size, in float64 (tight tolerance: only rounding
+differs, from the reduction order) and float32 (looser).
 
 `test_module_imports_without_cupy` runs everywhere: the module must import, and expose its functions,
 on a machine without CuPy.
@@ -19,24 +19,11 @@ import pytest
 
 import scratchvit
 from scratchvit import fused
-from scratchvit.backend import BackendUnavailable, get_backend, random_generator, to_host
+from scratchvit.backend import get_backend, random_generator, to_host
 from scratchvit.layers import GELU, Dropout, LayerNorm, Parameter, SoftmaxCrossEntropy, softmax, softmax_backward
 from scratchvit.optim import AdamW
 
-try:
-    from conftest import GPU_SKIP_REASON    # tests/ is on sys.path under pytest's default import mode
-except ImportError:                          # pragma: no cover - other import modes: the same check
-    try:
-        get_backend("gpu")
-        GPU_SKIP_REASON = None
-    except BackendUnavailable as error:
-        GPU_SKIP_REASON = str(error)
-
-
-def on_gpu(test):
-    """Mark a test `gpu` and skip it, with the reason, where CuPy or a CUDA device is missing."""
-    test = pytest.mark.skipif(GPU_SKIP_REASON is not None, reason=f"no GPU backend: {GPU_SKIP_REASON}")(test)
-    return pytest.mark.gpu(test)
+from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
 
 
 DTYPES = ["float64", "float32"]
@@ -66,13 +53,19 @@ def on_device(backend, array, dtype):
     return backend.asarray(numpy.asarray(array, dtype=dtype))
 
 
+def host_and_device(gpu, array, dtype):
+    """The same values as a NumPy array (for the plain version) and a CuPy array (for the kernel)."""
+    on_host = numpy.asarray(array, dtype=dtype)
+    return on_host, gpu.asarray(on_host)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Runs without a GPU
 # ---------------------------------------------------------------------------------------------------
 
 PUBLIC = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
           "softmax_backward", "dropout_forward", "add_dropout", "add_dropout_forward", "cross_entropy_forward",
-          "cross_entropy_backward", "adamw_step"]
+          "cross_entropy_backward", "adamw_step", "adamw_scheduled_step", "l2_norm"]
 
 
 def test_module_imports_without_cupy():
@@ -134,11 +127,11 @@ def test_kernel_sources_are_well_formed():
 @pytest.mark.parametrize("shape", [(7,), (4, 33), (2, 3, 129)])
 def test_gelu_matches_plain_layer(gpu, dtype, shape):
     rng = host_rng(1, len(shape))
-    x = on_device(gpu, rng.standard_normal(shape) * 3.0, dtype)
-    grad_out = on_device(gpu, rng.standard_normal(shape), dtype)
+    x_host, x = host_and_device(gpu, rng.standard_normal(shape) * 3.0, dtype)
+    grad_host, grad_out = host_and_device(gpu, rng.standard_normal(shape), dtype)
     layer = GELU()
-    y_plain = layer.forward(x)
-    grad_plain = layer.backward(grad_out)
+    y_plain = layer.forward(x_host)
+    grad_plain = layer.backward(grad_host)
     y, t = fused.gelu_forward(x)
     assert_close(y, y_plain, dtype)
     assert_close(t, layer.t, dtype)
@@ -158,19 +151,19 @@ def test_layernorm_matches_plain_layer(gpu, dtype, shape, offset):
     variance is taken about the mean (two passes), not as E[x^2] - mu^2."""
     D = shape[-1]
     rng = host_rng(2, D, int(offset))
-    layer = LayerNorm(D, eps=1e-5, dtype=dtype)
-    layer.weight.data = on_device(gpu, rng.standard_normal(D), dtype)
-    layer.bias.data = on_device(gpu, rng.standard_normal(D), dtype)
-    x = on_device(gpu, rng.standard_normal(shape) * 2.0 + offset, dtype)
-    grad_out = on_device(gpu, rng.standard_normal(shape), dtype)
-    y_plain = layer.forward(x)
-    grad_x_plain = layer.backward(grad_out)                 # grads start at zero: they become the sums
+    layer = LayerNorm(D, eps=1e-5, dtype=dtype)              # on the host: the plain steps
+    layer.weight.data, gamma = host_and_device(gpu, rng.standard_normal(D), dtype)
+    layer.bias.data, beta = host_and_device(gpu, rng.standard_normal(D), dtype)
+    x_host, x = host_and_device(gpu, rng.standard_normal(shape) * 2.0 + offset, dtype)
+    grad_host, grad_out = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    y_plain = layer.forward(x_host)
+    grad_x_plain = layer.backward(grad_host)                # grads start at zero: they become the sums
 
-    y, xhat, rstd = fused.layernorm_forward(x, layer.weight.data, layer.bias.data, layer.eps)
+    y, xhat, rstd = fused.layernorm_forward(x, gamma, beta, layer.eps)
     assert_close(y, y_plain, dtype, factor=10)
     assert_close(xhat, layer.xhat, dtype, factor=10)
     assert_close(rstd, layer.rstd, dtype, factor=10)
-    grad_x, grad_gamma, grad_beta = fused.layernorm_backward(grad_out, xhat, rstd, layer.weight.data)
+    grad_x, grad_gamma, grad_beta = fused.layernorm_backward(grad_out, xhat, rstd, gamma)
     assert_close(grad_x, grad_x_plain, dtype, factor=10)
     assert_close(grad_gamma, layer.weight.grad, dtype, factor=10)
     assert_close(grad_beta, layer.bias.grad, dtype, factor=10)
@@ -183,9 +176,9 @@ def test_layernorm_takes_non_contiguous_input(gpu, dtype):
     x = on_device(gpu, rng.standard_normal((48, 5)), dtype).T            # (5, 48), a transposed view
     gamma, beta = on_device(gpu, rng.standard_normal(48), dtype), on_device(gpu, rng.standard_normal(48), dtype)
     layer = LayerNorm(48, dtype=dtype)
-    layer.weight.data, layer.bias.data = gamma, beta
+    layer.weight.data, layer.bias.data = to_host(gamma), to_host(beta)
     y, xhat, rstd = fused.layernorm_forward(x, gamma, beta, layer.eps)
-    assert_close(y, layer.forward(x), dtype, factor=10)
+    assert_close(y, layer.forward(to_host(x)), dtype, factor=10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,13 +191,13 @@ def test_layernorm_takes_non_contiguous_input(gpu, dtype):
 @pytest.mark.parametrize("scale", [1.0, 0.125, 3.0])
 def test_softmax_matches_plain(gpu, dtype, shape, scale):
     rng = host_rng(4, shape[-1], int(scale * 8))
-    scores = on_device(gpu, rng.standard_normal(shape) * 4.0, dtype)
-    grad_probs = on_device(gpu, rng.standard_normal(shape), dtype)
-    probs_plain = softmax(scores * scale)
+    scores_host, scores = host_and_device(gpu, rng.standard_normal(shape) * 4.0, dtype)
+    grad_host, grad_probs = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    probs_plain = softmax(scores_host * scale)
     probs = fused.softmax_forward(scores, scale)
     assert_close(probs, probs_plain, dtype)
     assert_close(probs.sum(axis=-1), gpu.xp.ones(shape[:-1], dtype=dtype), dtype, factor=10)
-    grad_plain = softmax_backward(probs_plain, grad_probs) * scale
+    grad_plain = softmax_backward(probs_plain, grad_host) * scale
     assert_close(fused.softmax_backward(probs, grad_probs, scale), grad_plain, dtype, factor=10)
 
 
@@ -215,7 +208,7 @@ def test_softmax_is_finite_for_huge_scores(gpu, dtype):
     scores = on_device(gpu, rng.standard_normal((4, 70)) * 1e4, dtype)
     probs = fused.softmax_forward(scores, 0.5)
     assert numpy.isfinite(to_host(probs)).all()
-    assert_close(probs, softmax(scores * 0.5), dtype)
+    assert_close(probs, softmax(to_host(scores) * 0.5), dtype)
 
 
 @on_gpu
@@ -223,7 +216,7 @@ def test_softmax_is_finite_for_huge_scores(gpu, dtype):
 def test_softmax_takes_non_contiguous_input(gpu, dtype):
     rng = host_rng(6)
     scores = on_device(gpu, rng.standard_normal((2, 9, 3, 9)), dtype).transpose(0, 2, 1, 3)
-    assert_close(fused.softmax_forward(scores, 0.25), softmax(scores * 0.25), dtype)
+    assert_close(fused.softmax_forward(scores, 0.25), softmax(to_host(scores) * 0.25), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,15 +246,18 @@ def test_dropout_given_uniforms_is_the_plain_formula(gpu, dtype, p, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_with_generator_matches_dropout_layer(gpu, dtype, p):
-    """The same seeded generator draws the same uniforms, so the fused kernel gives Dropout's mask."""
+    """With a generator the kernel masks by that generator's next uniforms (the plain formula on the
+    host, from the same seed), and Dropout, which calls it, draws the same mask."""
     rng = host_rng(8)
-    x = on_device(gpu, rng.standard_normal((3, 65, 48)), dtype)
-    layer = Dropout(p, seed=123)
-    y_plain = layer.forward(x)
+    x_host, x = host_and_device(gpu, rng.standard_normal((3, 65, 48)), dtype)
+    u = to_host(random_generator(gpu.xp, 123).random(x.shape, dtype=x.dtype))
+    mask_plain = (u >= p).astype(dtype) * (1.0 / (1.0 - p))             # Dropout.forward's formula
     y, mask = fused.dropout_forward(x, p, random_generator(gpu.xp, 123))
-    numpy.testing.assert_array_equal(to_host(mask), to_host(layer.mask))
-    numpy.testing.assert_array_equal(to_host(y), to_host(y_plain))
+    numpy.testing.assert_array_equal(to_host(mask), mask_plain)
+    numpy.testing.assert_array_equal(to_host(y), x_host * mask_plain)
     assert 0 < float(to_host((mask == 0).mean())) < 1
+    layer = Dropout(p, seed=123)
+    numpy.testing.assert_array_equal(to_host(layer.forward(x)), to_host(y))
 
 
 @on_gpu
@@ -280,12 +276,11 @@ def test_residual_add_with_dropout(gpu, dtype, p):
     y, mask_fused = fused.add_dropout_forward(x, h, p, uniforms=u)
     numpy.testing.assert_array_equal(to_host(mask_fused), to_host(mask))
     assert_close(y, x + h * mask, dtype)
-    layer = Dropout(p, seed=5)
-    y_plain = x + layer.forward(h)
+    u = random_generator(gpu.xp, 5).random(shape, dtype=x.dtype)         # what the generator draws next
     y, mask_fused = fused.add_dropout_forward(x, h, p, random_generator(gpu.xp, 5))
-    if p:
-        numpy.testing.assert_array_equal(to_host(mask_fused), to_host(layer.mask))
-    assert_close(y, y_plain, dtype)
+    mask_plain = (to_host(u) >= p).astype(dtype) * (1.0 / (1.0 - p))
+    numpy.testing.assert_array_equal(to_host(mask_fused), mask_plain)
+    assert_close(y, to_host(x) + to_host(h) * mask_plain, dtype)
 
 
 @on_gpu
@@ -313,16 +308,17 @@ def test_cross_entropy_matches_plain_layer(gpu, dtype, B, C, smoothing, magnitud
     +-1e4 stay finite."""
     xp = gpu.xp
     rng = host_rng(10, B, C, int(smoothing * 10), int(magnitude))
-    logits = on_device(gpu, rng.standard_normal((B, C)) * magnitude, dtype)
-    labels = gpu.asarray(rng.integers(0, C, B))
-    layer = SoftmaxCrossEntropy(smoothing)
-    loss_plain = layer.forward(logits, labels)
+    logits_host, logits = host_and_device(gpu, rng.standard_normal((B, C)) * magnitude, dtype)
+    labels_host = rng.integers(0, C, B)
+    labels = gpu.asarray(labels_host)
+    layer = SoftmaxCrossEntropy(smoothing)                     # on the host: the plain formulas
+    loss_plain = layer.forward(logits_host, labels_host)
     grad_plain = layer.backward()
 
     loss, probs = fused.cross_entropy_forward(logits, labels, smoothing)
     assert loss.shape == () and loss.dtype == xp.dtype(dtype)     # a 0-d device array: no host sync
     assert numpy.isfinite(float(loss))
-    assert_close(loss, xp.asarray(loss_plain), dtype, factor=10)
+    assert_close(loss, loss_plain, dtype, factor=10)
     assert_close(probs, layer.probs, dtype, factor=10)
     assert_close(fused.cross_entropy_backward(probs, labels, smoothing), grad_plain, dtype, factor=10)
 
@@ -332,13 +328,15 @@ def test_cross_entropy_matches_plain_layer(gpu, dtype, B, C, smoothing, magnitud
 def test_cross_entropy_backward_upstream_gradient_and_label_dtypes(gpu, dtype):
     xp = gpu.xp
     rng = host_rng(11)
-    logits = on_device(gpu, rng.standard_normal((6, 12)), dtype)
-    labels = gpu.asarray(rng.integers(0, 12, 6).astype(numpy.int32))
+    logits_host, logits = host_and_device(gpu, rng.standard_normal((6, 12)), dtype)
+    labels_host = rng.integers(0, 12, 6).astype(numpy.int32)
+    labels = gpu.asarray(labels_host)
     layer = SoftmaxCrossEntropy(0.2)
-    layer.forward(logits, labels)
+    layer.forward(logits_host, labels_host)
     loss, probs = fused.cross_entropy_forward(logits, labels, 0.2)
     for grad_loss in (0.5, xp.asarray(2.5, dtype=dtype)):
-        assert_close(fused.cross_entropy_backward(probs, labels, 0.2, grad_loss), layer.backward(grad_loss), dtype)
+        assert_close(fused.cross_entropy_backward(probs, labels, 0.2, grad_loss), layer.backward(float(grad_loss)),
+                     dtype)
 
 
 @on_gpu
@@ -353,13 +351,14 @@ def test_cross_entropy_out_of_range_label_gives_nan_not_a_crash(gpu):
 # ---------------------------------------------------------------------------------------------------
 
 def _twin_optimizers(gpu, dtype, grouped, weight_decay):
-    """Two AdamW over identical parameters; `grouped` gives parameter groups with different decays,
-    so AdamW builds a per-element decay mask."""
+    """Two AdamW over identical parameters: the plain one on the host (AdamW.step's array formula in
+    NumPy), the other on the GPU (its fused kernel); `grouped` gives parameter groups with different
+    decays, so AdamW builds a per-element decay mask."""
     shapes = [(7, 5), (5,), (3, 4, 6), (11,)]
     optimizers = []
-    for _ in range(2):
+    for backend in (get_backend("cpu"), gpu):
         rng = host_rng(12)
-        params = [Parameter(on_device(gpu, rng.standard_normal(shape), dtype)) for shape in shapes]
+        params = [Parameter(on_device(backend, rng.standard_normal(shape), dtype)) for shape in shapes]
         if grouped:
             groups = [{"params": params[:2], "weight_decay": weight_decay},
                       {"params": params[2:3], "weight_decay": 0.0},
@@ -370,13 +369,14 @@ def _twin_optimizers(gpu, dtype, grouped, weight_decay):
     return optimizers
 
 
-def _fused_step(optimizer):
-    """What AdamW.step does, with the update in one fused launch."""
-    optimizer.step_count += 1
-    beta1, beta2 = optimizer.betas
-    fused.adamw_step(optimizer.data, optimizer.grad, optimizer.exp_avg, optimizer.exp_avg_sq,
-                     optimizer.decay_mask, optimizer.lr, beta1, beta2, optimizer.eps, optimizer.weight_decay,
-                     1.0 - beta1 ** optimizer.step_count, 1.0 - beta2 ** optimizer.step_count)
+def _step_both(plain, on_gpu_optimizer, gpu, grad, dtype):
+    plain.grad[...] = numpy.asarray(grad, dtype=dtype)
+    on_gpu_optimizer.grad[...] = on_device(gpu, grad, dtype)
+    plain.step()
+    on_gpu_optimizer.step()
+    assert_close(on_gpu_optimizer.exp_avg, plain.exp_avg, dtype)
+    assert_close(on_gpu_optimizer.exp_avg_sq, plain.exp_avg_sq, dtype)
+    assert_close(on_gpu_optimizer.data, plain.data, dtype, factor=10)
 
 
 @on_gpu
@@ -384,18 +384,38 @@ def _fused_step(optimizer):
 @pytest.mark.parametrize("grouped,weight_decay", [(False, 0.0), (False, 0.1), (True, 0.1)])
 def test_adamw_kernel_matches_plain_step(gpu, dtype, grouped, weight_decay):
     plain, fused_opt = _twin_optimizers(gpu, dtype, grouped, weight_decay)
-    assert (plain.decay_mask is not None) == grouped
+    assert (fused_opt.decay_mask is not None) == grouped
     rng = host_rng(13)
     for step in range(6):
-        grad = on_device(gpu, rng.standard_normal(plain.grad.shape) * (0.1 + step), dtype)
-        plain.grad[...] = grad
-        fused_opt.grad[...] = grad
-        plain.step()
-        _fused_step(fused_opt)
-        assert_close(fused_opt.exp_avg, plain.exp_avg, dtype)
-        assert_close(fused_opt.exp_avg_sq, plain.exp_avg_sq, dtype)
-        assert_close(fused_opt.data, plain.data, dtype, factor=10)
+        _step_both(plain, fused_opt, gpu, rng.standard_normal(plain.grad.shape) * (0.1 + step), dtype)
     # the parameters' views see the update (it was written in place into the flat buffer)
     for parameter, view in zip(fused_opt.parameters, fused_opt.data_views):
         assert parameter.data is view
     assert_close(fused_opt.parameters[0].data, plain.parameters[0].data, dtype, factor=10)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grouped,weight_decay", [(False, 0.1), (True, 0.1)])
+def test_scheduled_adamw_kernels_match_plain_step(gpu, dtype, grouped, weight_decay):
+    """set_schedule on the GPU: the step counter, the lr look-up and the bias corrections on the device
+    (scratchvit_adamw_scalars), then the update reading them; against the plain step given each lr by
+    hand, past the end of the table too."""
+    plain, scheduled = _twin_optimizers(gpu, dtype, grouped, weight_decay)
+    schedule = [1e-2, 3e-2, 5e-3]
+    scheduled.set_schedule(schedule)
+    rng = host_rng(14)
+    for step in range(5):
+        plain.lr = schedule[min(step, len(schedule) - 1)]
+        _step_both(plain, scheduled, gpu, rng.standard_normal(plain.grad.shape), dtype)
+        assert int(scheduled.device_schedule[1][0]) == step + 1 == scheduled.step_count
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 1000, 100_003])
+def test_l2_norm_matches_plain(gpu, dtype, size):
+    x_host, x = host_and_device(gpu, host_rng(15, size).standard_normal(size), dtype)
+    norm = fused.l2_norm(x)
+    assert norm.shape == ()
+    assert_close(norm, numpy.sqrt(numpy.dot(x_host, x_host)), dtype)

@@ -289,6 +289,59 @@ def test_state_dict_round_trip_continues_identically(backend):
     assert not numpy.array_equal(state["exp_avg"], to_host(first.exp_avg))
 
 
+@pytest.mark.parametrize("grouping", ["uniform decay", "two groups"])
+def test_schedule_gives_step_t_the_learning_rate_at_t_minus_1(backend, grouping):
+    """set_schedule: step t uses learning_rates[t - 1], the last entry past the end, and `lr` follows;
+    the same as setting lr by hand before each step (on the GPU the look-up and the bias corrections
+    happen in a kernel on the device)."""
+    schedule = [0.02, 0.05, 0.01, 0.003]
+    rng = numpy.random.default_rng(9)
+    grads = [[rng.standard_normal(shape) for shape in SHAPES] for _ in range(6)]
+    make_groups, kwargs, _ = GROUPINGS[grouping]
+    by_hand_parameters, scheduled_parameters = make_parameters(backend), make_parameters(backend)
+    by_hand = AdamW(make_groups(by_hand_parameters), lr=1.0, **kwargs)
+    scheduled = AdamW(make_groups(scheduled_parameters), lr=1.0, **kwargs)
+    scheduled.set_schedule(schedule)
+    for step in range(6):
+        by_hand.lr = schedule[min(step, len(schedule) - 1)]
+        set_gradients(by_hand_parameters, grads[step], backend)
+        set_gradients(scheduled_parameters, grads[step], backend)
+        by_hand.step()
+        scheduled.step()
+        assert scheduled.lr == by_hand.lr and scheduled.step_count == step + 1
+        numpy.testing.assert_allclose(to_host(scheduled.data), to_host(by_hand.data), rtol=1e-13, atol=1e-15)
+
+
+def test_schedule_continues_from_a_loaded_state(backend):
+    schedule = [0.01 * (step + 1) for step in range(8)]
+    rng = numpy.random.default_rng(10)
+    grads = [[rng.standard_normal(shape) for shape in SHAPES] for _ in range(6)]
+    first_parameters = make_parameters(backend)
+    first = AdamW(first_parameters, lr=1.0, weight_decay=0.05)
+    first.set_schedule(schedule)
+    for step in range(3):
+        set_gradients(first_parameters, grads[step], backend)
+        first.step()
+    second_parameters = [Parameter(backend.asarray(to_host(p.data).copy())) for p in first_parameters]
+    second = AdamW(second_parameters, lr=1.0, weight_decay=0.05)
+    second.set_schedule(schedule)                 # before the state: loading it moves the step counter on
+    second.load_state_dict(first.state_dict())
+    for step in range(3, 6):
+        set_gradients(first_parameters, grads[step], backend)
+        set_gradients(second_parameters, grads[step], backend)
+        first.step()
+        second.step()
+        assert second.lr == schedule[step]
+        numpy.testing.assert_array_equal(to_host(second.data), to_host(first.data))
+
+
+@pytest.mark.parametrize("schedule", [[], [0.1, -0.01]])
+def test_bad_schedule_raises(backend, schedule):
+    optimizer = AdamW(make_parameters(backend), lr=1e-3)
+    with pytest.raises(ValueError, match="learning rates"):
+        optimizer.set_schedule(schedule)
+
+
 def test_load_state_dict_of_another_model_raises(backend):
     optimizer = AdamW(make_parameters(backend), lr=1e-3)
     other = AdamW(make_parameters(backend, shapes=[(2, 2)]), lr=1e-3)

@@ -1,0 +1,159 @@
+"""Every kernel in scratchvit/fused.py compiles with NVRTC, for float32 and float64, with no GPU needed.
+
+Why: tests/test_fused.py runs the kernels, so it needs a CUDA device and skips everywhere else, and a
+typo in a kernel string would go unnoticed until someone ran on a GPU. CuPy writes each kernel's CUDA
+source on the host and hands it to NVRTC, which needs no device. So any machine with CuPy and NVRTC can
+check that the kernels compile. This file is not marked `gpu`. It skips where CuPy or NVRTC is missing.
+
+What is compiled: each kernel, for T = float and T = double, for sm_90 (H100), with the options
+fused.py gives it (`_COMPILE_OPTIONS`). The kernel objects come from fused.py's own builders
+(`_raw`, `_elementwise`, `_reduction`), so new entries in the registries are covered automatically:
+- `_RAW_SOURCES`: the RawKernel's source, compiled the way RawKernel compiles it on first launch.
+- `_ELEMENTWISE_SOURCES`: CuPy wraps the operation in a full kernel at call time, with parameter
+  declarations that depend on the arguments. The source here comes from CuPy's own generator
+  (`_get_elementwise_kernel_code`, the one `__call__` uses), given a description of the arguments:
+  outputs and `raw` inputs as contiguous 1-D arrays. Every other input appears once as an array
+  and once as a scalar, the two forms CuPy emits depending on what the caller passes.
+- `_REDUCTION_SOURCES` (if fused.py has it): CuPy's plain reduction kernel
+  (`_ReductionKernel_get_cached_function_code`) for a full reduction of a contiguous 1-D array.
+  Not covered: the CUB kernel that CuPy uses instead for such reductions when it finds nvcc
+  (cupy/_core/_cub_reduction.pyx). It is generated inside Cython-only code, so it can't be rebuilt here.
+
+How, without a device: CuPy asks the device only two things. It asks for the architecture, and
+the fixture answers sm_90. It asks the device to load the compiled module, and the fixture keeps
+the cubin instead. Everything in between is CuPy's own code: the headers, the include paths, the
+added options (-std, -ftz, -arch) and the NVRTC call. These are CuPy internals, checked against
+CuPy 14.2, so a CuPy release that renames them means updating this file.
+"""
+import io
+import types
+
+import numpy
+import pytest
+
+from scratchvit import fused
+
+try:
+    import cupy
+    from cupy.cuda import nvrtc
+    nvrtc.getVersion()
+except Exception as error:  # no CuPy (the CI machine), or CuPy without an NVRTC library
+    pytest.skip(f"needs CuPy and NVRTC: {type(error).__name__}: {error}", allow_module_level=True)
+
+try:
+    from cupy._core import _carray, _kernel, _reduction, _scalar, core
+    from cupy.cuda import compiler, function
+except ImportError as error:  # CuPy's internals moved: this file needs updating for this CuPy
+    pytest.skip(f"written against CuPy 14.2's internals, this CuPy {cupy.__version__} differs: {error}",
+                allow_module_level=True)
+
+ARCH = "90"   # compute capability compiled for: sm_90, the H100
+DTYPES = ("float32", "float64")
+_NDARRAY, _INDEXER, _SCALAR = 1, 2, 3   # CuPy's enum _ArgKind (cupy/_core/_kernel.pxd)
+
+
+class _CubinModule(function.Module):
+    """A CuPy Module that keeps the compiled cubin instead of loading it onto a device."""
+
+    def load(self, cubin):
+        self.cubin = cubin
+
+
+@pytest.fixture(scope="module")
+def nvrtc_only():
+    """CuPy's compile path with its device queries answered on the host (see the module docstring)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUPY_CACHE_IN_MEMORY", "1")   # no on-disk kernel cache: NVRTC runs every time
+        patch.setattr(compiler, "_get_arch", lambda: ARCH)
+        # Memoized per device (it asks the driver for the current device); the function itself is kept.
+        patch.setattr(compiler, "_get_arch_for_options_for_nvrtc",
+                      compiler._get_arch_for_options_for_nvrtc.__wrapped__)
+        patch.setattr(compiler, "function", types.SimpleNamespace(Module=_CubinModule))
+        # fused's builders get CuPy through _cupy(), which checks for a device: hand them CuPy, and
+        # empty caches so that no kernel object built here outlives the test.
+        patch.setattr(fused, "_cupy_module", cupy)
+        for cache in ("_raw_kernels", "_elementwise_kernels", "_reduction_kernels"):
+            if hasattr(fused, cache):
+                patch.setattr(fused, cache, {})
+        yield
+
+
+def _compile(source, options, **kwargs):
+    """Compile `source` with CuPy's compile_with_cache (headers, options, NVRTC). On failure, fail
+    with NVRTC's log, the options and the numbered source that the log's line numbers refer to."""
+    report = io.StringIO()
+    try:
+        module = core.compile_with_cache(source, options, **kwargs)
+    except compiler.CompileException as error:
+        error.dump(report)
+    if report.getvalue():   # failing here, not inside `except`, keeps the report free of chained tracebacks
+        pytest.fail(report.getvalue(), pytrace=False)
+    assert module.cubin.startswith(b"\x7fELF")
+
+
+def _array(dtype, ndim=1):   # a C-contiguous array with 32-bit indexing, as a contiguous call gives
+    return _kernel._ArgInfo(_NDARRAY, cupy.ndarray, dtype, ndim, True, True)
+
+
+def _scalar_value(dtype):
+    return _kernel._ArgInfo(_SCALAR, _scalar.CScalar, dtype, 0, True, True)
+
+
+def _indexer(ndim):
+    return _kernel._ArgInfo(_INDEXER, _carray.Indexer, None, ndim, True, True)
+
+
+def _dtype_of(param, dtype):
+    """A parameter's dtype: its own (`int64 n`), or the one under test for a placeholder (`T x`)."""
+    return dtype if param.dtype is None else numpy.dtype(param.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(fused._RAW_SOURCES))
+def test_raw_kernel_compiles(nvrtc_only, name, dtype):
+    kernel = fused._raw(name, numpy.dtype(dtype))
+    # What RawKernel does on its first launch (cupy/_core/raw.pyx, _get_raw_module).
+    _compile(kernel.code, kernel.options, prepend_cupy_headers=False, backend=kernel.backend)
+
+
+@pytest.mark.parametrize("inputs_as", ["arrays", "scalars"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(fused._ELEMENTWISE_SOURCES))
+def test_elementwise_kernel_compiles(nvrtc_only, name, dtype, inputs_as):
+    kernel = fused._elementwise(name)
+    dtype = numpy.dtype(dtype)
+    inputs = tuple(_scalar_value(_dtype_of(p, dtype)) if inputs_as == "scalars" and not p.raw
+                   else _array(_dtype_of(p, dtype)) for p in kernel.in_params)
+    outputs = tuple(_array(_dtype_of(p, dtype)) for p in kernel.out_params)
+    _, _, type_map = _kernel._decide_params_type(
+        kernel.in_params, kernel.out_params,
+        tuple(None if arg.arg_kind == _SCALAR else arg.dtype for arg in inputs),
+        tuple(arg.dtype for arg in outputs))
+    source = _kernel._get_elementwise_kernel_code(
+        inputs + outputs + (_indexer(1),), type_map, kernel.params, kernel.operation, kernel.name,
+        kernel.preamble, **kernel.kwargs)
+    assert "CArray<" in source and "CIndexer<1" in source, "CuPy's _ArgKind numbering changed"
+    # What ElementwiseKernel does with that source (_get_simple_elementwise_kernel_from_code).
+    _compile(source, kernel.kwargs.get("options", ()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(getattr(fused, "_REDUCTION_SOURCES", {})))
+def test_reduction_kernel_compiles(nvrtc_only, name, dtype):
+    kernel = fused._reduction(name)
+    dtype = numpy.dtype(dtype)
+    # A full reduction, as ReductionKernel._call sets it up without CUB: 1-D inputs, 0-d outputs,
+    # the input and output indexers, the int32 block stride, and IndexT = int32 (< 2**31 elements).
+    inputs = tuple(_array(_dtype_of(p, dtype)) for p in kernel.in_params)
+    outputs = tuple(_array(_dtype_of(p, dtype), ndim=0) for p in kernel.out_params)
+    _, _, type_map = _kernel._decide_params_type(
+        kernel.in_params, kernel.out_params, tuple(arg.dtype for arg in inputs), ())
+    type_map = _kernel._TypeMap(type_map._pairs + (("IndexT", numpy.int32),))
+    arginfos = inputs + outputs + (_indexer(1), _indexer(0), _scalar_value(numpy.dtype(numpy.int32)))
+    block_size = 512   # CuPy's default on CUDA; it only sizes a shared array
+    source = _reduction._ReductionKernel_get_cached_function_code(
+        kernel.nin, kernel.nout, kernel._params, arginfos, type_map, kernel.name, block_size,
+        kernel.reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr,
+        kernel.preamble, kernel.options)
+    # What ReductionKernel does with that source (_create_reduction_function_from_code).
+    _compile(source, kernel.options)
