@@ -20,9 +20,10 @@ returned loss is one of those arrays: the next replay overwrites it, so add it u
 the training loop does) before the next call.
 
 When the step is recorded: the first call for a new batch shape, train/eval mode or set of dropout
-generators runs the plain step (that compiles the kernels and sets cuBLAS up outside the recording);
-the next call with the same key records the step and replays it; later calls only replay. A last,
-shorter batch of an epoch therefore runs as a plain step and leaves the recorded graph alone.
+generators runs the plain step, which compiles the kernels, sets cuBLAS up and fills the caches the
+layers keep (the ones vectors of reductions.py, dropout's generators) outside the recording, where
+they really run; the next call with the same key records the step and replays it; later calls only
+replay. A last, shorter batch of an epoch therefore runs as a plain step and leaves the graph alone.
 """
 from .backend import is_gpu_array
 

@@ -30,6 +30,8 @@ Parameter names (`named_parameters()`, `state_dict()`), for depth blocks numbere
     blocks.{i}.mlp_norm.{weight,bias}, blocks.{i}.fc1.{weight,bias}, blocks.{i}.fc2.{weight,bias},
     norm.{weight,bias}, head.{weight,bias}
 """
+import numbers
+
 from .backend import get_array_module, get_backend, host, host_generator, to_host
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
@@ -41,9 +43,11 @@ from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 POSITION_INIT_STD = 1.0
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _positive_int(name, value):
+    """`value` as a Python int (NumPy integers too: the configuration goes into JSON), or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _check_probability(name, value):
@@ -54,10 +58,12 @@ def _check_probability(name, value):
 class ViT(Layer):
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=1,
                  dropout=0.0, emb_dropout=0.0, dtype="float32", seed=0):
-        for name, value in (("image_size", image_size), ("patch_size", patch_size), ("num_classes", num_classes),
-                            ("dim", dim), ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim),
-                            ("channels", channels)):
-            _check_positive_int(name, value)
+        image_size, patch_size, num_classes = (_positive_int("image_size", image_size),
+                                               _positive_int("patch_size", patch_size),
+                                               _positive_int("num_classes", num_classes))
+        dim, depth, heads, mlp_dim = (_positive_int("dim", dim), _positive_int("depth", depth),
+                                      _positive_int("heads", heads), _positive_int("mlp_dim", mlp_dim))
+        channels = _positive_int("channels", channels)
         _check_probability("dropout", dropout)
         _check_probability("emb_dropout", emb_dropout)
         if image_size % patch_size:

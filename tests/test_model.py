@@ -85,6 +85,12 @@ def test_non_integer_size_raises_naming_it(name, value):
         ViT(**{**TINY, name: value})
 
 
+def test_numpy_integer_sizes_are_accepted_as_ints():
+    model = ViT(**{**TINY, "image_size": numpy.int64(TINY["image_size"]), "depth": numpy.int32(TINY["depth"])})
+    assert model.config["image_size"] == TINY["image_size"] and type(model.config["image_size"]) is int
+    assert type(model.config["depth"]) is int and len(model.blocks) == TINY["depth"]
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan")])
 @pytest.mark.parametrize("name", ["dropout", "emb_dropout"])
 def test_dropout_outside_unit_interval_raises_naming_it(name, value):
