@@ -362,7 +362,8 @@ def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=No
     runner = Runner("scratchvit", "scratchvit (CUDA graph)" if cuda_graph else "scratchvit", lambda: step(images, labels),
                     clock, backend.synchronize, sum(parameter.size for parameter in model.parameters()))
     runner.state_bytes = sum(array.nbytes for array in (optimizer.data, optimizer.grad, optimizer.exp_avg,
-                                                        optimizer.exp_avg_sq, optimizer.update))
+                                                        optimizer.exp_avg_sq, optimizer.update)
+                             if array is not None)          # no CPU scratch buffer on the GPU
 
     def measure_memory():
         if backend.name == "gpu":

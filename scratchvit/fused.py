@@ -21,8 +21,9 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
 | adamw_scheduled_step                     | the same, lr and bias corrections read on the device     | 1 + 1    |
 | l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 1        |
 
-Every kernel is held against its plain version in tests/test_fused.py, on random inputs of several
-shapes, in float64 (tight tolerance) and float32.
+Every kernel is held against its plain version, run by NumPy on host copies of the same inputs, in
+tests/test_fused.py, on random inputs of several shapes, in float64 (tight tolerance) and float32;
+tests/test_fused_compiles.py compiles each with NVRTC where CuPy is installed, GPU or not.
 
 Three kinds of kernel:
 - `cupy.ElementwiseKernel` for elementwise work. Its type placeholder `T` takes the arrays' dtype, so
@@ -36,8 +37,8 @@ Three kinds of kernel:
 - `cupy.ReductionKernel` for the gradient norm (a map, a sum, a square root, in one launch).
 
 Import without CuPy: nothing here imports CuPy at module level. Kernels are built on first use and
-cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`, `_reduction_kernels`), so each is defined once per
-process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
+cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`, `_reduction_kernels`), so each
+is defined once per process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
 (labels: any integer dtype); inputs of one call must share a dtype.
 
 Arithmetic follows the plain formulas step by step (same operation order, constants cast to the

@@ -10,6 +10,7 @@ import sys
 import numpy
 import pytest
 
+from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
 from scratchvit import bench
 from scratchvit.backend import BackendUnavailable, get_backend
 from scratchvit.layers import SoftmaxCrossEntropy
@@ -63,6 +64,23 @@ def test_compare_torch_without_torch_exits_2(capsys, monkeypatch):
     assert bench.main([*QUICK, *TINY, "--compare-torch"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install torch" in err and "--compare-torch" in err
+
+
+@on_gpu
+@pytest.mark.parametrize("cuda_graph", [[], ["--cuda-graph"]])
+def test_gpu_json_report(capsys, cuda_graph):
+    """On the GPU, plain and replayed from a CUDA graph (warm-up 2: one plain step, one recording)."""
+    assert bench.main(["--steps", "3", "--warmup", "2", *TINY, "--device", "gpu", "--json", *cuda_graph]) == 0
+    report = json.loads(capsys.readouterr().out)
+    result = report["results"]["scratchvit"]
+    assert report["timing"]["clock"] == "CUDA events" and report["config"]["cuda_graph"] == bool(cuda_graph)
+    assert result["median_ms"] > 0 and result["peak_bytes"] > 0 and result["memory"]["state_bytes"] > 0
+    assert numpy.isfinite(result["first_loss"])
+
+
+def test_cuda_graph_needs_the_gpu(capsys):
+    assert bench.main([*QUICK, *TINY, "--cuda-graph"]) == 2
+    assert "--cuda-graph needs --device gpu" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
