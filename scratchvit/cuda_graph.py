@@ -47,6 +47,7 @@ class GraphedTrainStep:
         import cupy
         self.cupy = cupy
         self.train_step = train_step
+        self.dropout_layers = train_step.model.dropout_layers()   # fixed; their generators are not
         self.pool = train_step.pool            # the thread pool evaluate() may use: None on the GPU
         self.memory_pool = cupy.cuda.MemoryPool()              # only the recordings allocate from it
         self.capture_stream = cupy.cuda.Stream(non_blocking=True)
@@ -59,9 +60,8 @@ class GraphedTrainStep:
         return self.train_step.models()
 
     def _key(self, images, labels):
-        model = self.train_step.model
-        generators = tuple(layer.generator for layer in model.dropout_layers())   # compared by identity
-        return images.shape, images.dtype, labels.shape, labels.dtype, model.training, generators
+        generators = tuple(layer.generator for layer in self.dropout_layers)   # compared by identity
+        return images.shape, images.dtype, labels.shape, labels.dtype, self.train_step.model.training, generators
 
     def __call__(self, images, labels):
         key = self._key(images, labels)

@@ -595,6 +595,16 @@ def add_dropout_forward(x, h, p, generator=None, *, uniforms=None):
 # Softmax cross-entropy (the loss)
 # ---------------------------------------------------------------------------------------------------
 
+def _batch_and_classes(name, scores, labels):
+    """(B, C) of (B, C) `scores` (logits or probs) with (B,) labels, or ValueError naming the argument."""
+    if scores.ndim != 2:
+        raise ValueError(f"{name} must have shape (B, num_classes), got {scores.shape}")
+    B, C = scores.shape
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match {name} {scores.shape}, got {labels.shape}")
+    return B, C
+
+
 def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     """Softmax cross-entropy with label smoothing on (B, C) logits and (B,) integer labels: returns
     (loss, probs), loss the batch mean as a 0-d CuPy array (no host synchronisation) and probs the
@@ -604,11 +614,7 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     A label outside [0, C) makes its row's loss NaN (the plain layer checks labels on the host only)."""
     cupy = _cupy()
     dtype = _float_dtype(logits)
-    if logits.ndim != 2:
-        raise ValueError(f"logits must have shape (B, num_classes), got {logits.shape}")
-    B, C = logits.shape
-    if labels.shape != (B,):
-        raise ValueError(f"labels must have shape ({B},) to match logits {logits.shape}, got {labels.shape}")
+    B, C = _batch_and_classes("logits", logits, labels)
     s = float(label_smoothing)
     logits = cupy.ascontiguousarray(logits)
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
@@ -630,11 +636,7 @@ def cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_loss=1.0):
     (then it is read on the device: no host synchronisation)."""
     cupy = _cupy()
     dtype = _float_dtype(probs)
-    if probs.ndim != 2:
-        raise ValueError(f"probs must have shape (B, num_classes), got {probs.shape}")
-    B, C = probs.shape
-    if labels.shape != (B,):
-        raise ValueError(f"labels must have shape ({B},) to match probs {probs.shape}, got {labels.shape}")
+    B, C = _batch_and_classes("probs", probs, labels)
     s = float(label_smoothing)
     probs = cupy.ascontiguousarray(probs)
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
