@@ -3,17 +3,27 @@
 This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
 Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
-non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
-a diverged run and a failed CUDA graph recording, 130 after Ctrl-C (a checkpoint is written first).
+non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems
+and a diverged run, 130 after Ctrl-C (a checkpoint is written first).
+
+Recipes (scratchvit/recipes.py): `--device gpu` trains with the GPU recipe (batch 512 and the schedule
+that goes with it), the CPU with the CPU recipe; `--recipe` names one explicitly, and an option given
+on the command line always wins over the recipe's value.
 """
 import argparse
 import dataclasses
 import sys
 
 from scratchvit.backend import BackendUnavailable
-from scratchvit.cuda_graph import CudaGraphError
 from scratchvit.data import DataError
+from scratchvit.recipes import RECIPES
 from scratchvit.train import CheckpointError, ConfigError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
+
+
+def recipe_default(name, text=""):
+    """Help text for an option a recipe may set: its value in each recipe."""
+    values = "; ".join(f"{recipe} recipe: {RECIPES[recipe].get(name, getattr(TrainConfig, name))}" for recipe in RECIPES)
+    return f"{text} ({values})".strip()
 
 
 def build_parser():
@@ -21,11 +31,15 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Train a Vision Transformer on MNIST with scratchvit.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default=defaults.device)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
+                        help="a set of training options (scratchvit/recipes.py); default: the device's. "
+                             "Options given here win over the recipe's")
+    # an option a recipe may set is left out of the parsed arguments unless given: then the recipe decides
+    parser.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=recipe_default("epochs"))
+    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=recipe_default("batch_size"))
+    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=recipe_default("lr", "peak learning rate"))
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    parser.add_argument("--warmup-epochs", type=float, default=argparse.SUPPRESS, help=recipe_default("warmup_epochs"))
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm, help="0 disables clipping")
     parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
@@ -33,8 +47,6 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads for the data-parallel training step (default: one per core)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="with --device gpu: record the training step once as a CUDA graph and replay it")
     model = parser.add_argument_group("model")
     model.add_argument("--patch-size", type=int, default=defaults.patch_size)
     model.add_argument("--dim", type=int, default=defaults.dim)
@@ -47,8 +59,8 @@ def build_parser():
     parser.add_argument("--out-dir", default=defaults.out_dir, help="where metrics.jsonl, checkpoint.npz and plots go")
     parser.add_argument("--train-limit", type=int, default=defaults.train_limit,
                         help="train on the first N training images only")
-    parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size,
-                        help="images per forward pass when measuring test accuracy")
+    parser.add_argument("--eval-batch-size", type=int, default=argparse.SUPPRESS,
+                        help=recipe_default("eval_batch_size", "images per forward pass when measuring test accuracy"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--eval-only", action="store_true", help="print the test accuracy of --checkpoint and exit")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
@@ -57,8 +69,10 @@ def build_parser():
 
 
 def config_from_args(args):
+    """The TrainConfig of the command line: the recipe's options, then every option given."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    options = {name: value for name, value in vars(args).items() if name in fields}
+    return TrainConfig.from_recipe(getattr(args, "recipe", None), **options)
 
 
 def main(argv=None):
@@ -75,7 +89,7 @@ def main(argv=None):
     except (BackendUnavailable, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, NonFiniteLoss, CudaGraphError) as error:
+    except (DataError, CheckpointError, NonFiniteLoss) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:

@@ -6,8 +6,7 @@ it: zero the gradients, forward, softmax cross-entropy, backward, clip the globa
 weight matrices only, as in training). The data are one random batch of the right shape (standard
 normal images, uniform random labels), made once and reused, so no data loading or augmentation is
 timed. `--warmup` untimed steps come first (on the GPU they also compile CuPy's kernels), then
-`--steps` timed steps. `--cuda-graph` (GPU) times the step replayed from a CUDA graph instead
-(scratchvit/cuda_graph.py): the first warm-up step runs plainly, the second records the graph.
+`--steps` timed steps.
 
 How it is timed
 - CPU: the host clock, `time.perf_counter()` around each step (NumPy and PyTorch on the CPU both
@@ -29,6 +28,18 @@ percentile), images per second (batch size / median) and memory:
   high-water mark, since the pool keeps freed blocks) and bytes in use. PyTorch:
   `torch.cuda.max_memory_reserved()` (its caching allocator's high-water mark, the counterpart of
   CuPy's held bytes) and `max_memory_allocated()`.
+
+Launches per step (GPU): a small ViT's GPU step costs mostly kernel-launch overhead, so the bench
+counts what one training step puts on the GPU: kernels, and apart from them memory copies
+(memcpy) and fills (memset). CuPy has no launch hook; the count comes from PyTorch's profiler
+(`torch.profiler.profile(activities=[ProfilerActivity.CUDA])`), which asks CUPTI for every kernel,
+memcpy and memset the process runs on the GPU (`cuptiActivityEnable`, not per library), so CuPy's
+and cuBLAS's launches are counted as well as PyTorch's. One extra, untimed step is traced after the
+timed ones, with the GPU synchronised before it and at its end, so that no other step's work falls
+inside the trace. torch is imported for this on the GPU even without --compare-torch; where it is
+missing, is a CPU build, or its profiler cannot trace the GPU, and on the CPU, the count is n/a
+with the reason (the benchmark itself never fails for it). See `count_gpu_operations` for how the
+profiler's events are told apart.
 
 --compare-torch builds the same architecture in PyTorch (`torch_vit`: the same patchify layout,
 Linear patch embedding, CLS token, position embedding, pre-LN blocks with one qkv Linear viewed as
@@ -57,8 +68,24 @@ Examples
     python -m scratchvit.bench                                  # CPU, the MNIST model at batch 128
     python -m scratchvit.bench --compare-torch --steps 60       # and the same ViT in PyTorch
     python -m scratchvit.bench --device gpu --compare-torch --batch-size 512
-    python -m scratchvit.bench --device gpu --compare-torch --batch-size 512 --cuda-graph
     python -m scratchvit.bench --depth 2 --dim 32 --json > bench.json     # one JSON object, for scripts
+
+JSON report (--json): one object with
+- `device`, `config` (the model, batch, dtype, clip, lr, weight decay, seed), `timing` (clock, steps,
+  warmup, rounds), `scratchvit_threads`, `ratio` (scratchvit median / torch median, or null);
+- `machine`: processor, cpu_count, usable_cpus, platform, python, numpy, blas, thread_environment;
+  on the GPU also `gpu` (its name), `gpu_compute_capability` ("90" for 9.0), `gpu_memory_bytes`,
+  `cupy`, `cuda_driver` (the CUDA version the driver supports, "12.8"), `cuda_runtime` (CuPy's
+  CUDA runtime), `nvidia_driver` (the kernel module's version from /proc/driver/nvidia/version, or
+  null); with torch: `torch`, `torch_threads`, and on the GPU `torch_cuda` (the CUDA torch was built
+  with);
+- `results`: one object per library ("scratchvit", "torch") with `library`, `label`, `median_ms`,
+  `min_ms`, `max_ms`, `q1_ms`, `q3_ms`, `iqr_ms`, `img_per_s` and its long name `images_per_second`
+  (the same number), `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
+  with a `note`), `peak_bytes` and `used_bytes` (copied from `memory`; null where not measured:
+  used_bytes is in use after the steps: CuPy's pool on the GPU, `torch.cuda.memory_allocated()`
+  for PyTorch), `launches_per_step` (kernels launched by one step, or null) and `launches`
+  (`kernels`, `memcpy`, `memset`, `total`, and `reason`: null when counted, else why not).
 
 Exit status: 0 after a run; 2 for a bad option, no usable GPU backend, or torch missing for
 --compare-torch; 1 if the two models' parameter counts differ.
@@ -75,7 +102,6 @@ import tracemalloc
 import numpy
 
 from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
-from .cuda_graph import GraphedTrainStep
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW
 from .train import TrainConfig, parameter_groups
@@ -127,8 +153,6 @@ def build_parser():
                              "with --compare-torch" + default)
     timing.add_argument("--compare-torch", action="store_true",
                         help="also time the same ViT in PyTorch (needs torch) and print the ratio")
-    timing.add_argument("--cuda-graph", action="store_true",
-                        help="GPU: time scratchvit's step replayed from a CUDA graph (scratchvit/cuda_graph.py)")
     timing.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both libraries: scratchvit's data-parallel step and "
                              "torch.set_num_threads(N) (default: one per core for scratchvit, torch's own choice)")
@@ -145,8 +169,6 @@ def _check_options(args):
         return f"--warmup must be 0 or more, got {args.warmup}"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
-    if args.cuda_graph and args.device != "gpu":
-        return f"--cuda-graph needs --device gpu (a CUDA graph records GPU work), got --device {args.device}"
     if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
         return f"--clip-grad-norm must be a finite number >= 0, got {args.clip_grad_norm}"
     return None
@@ -333,7 +355,7 @@ class Runner:
     def __init__(self, name, label, step, clock, synchronize, parameters):
         self.name, self.label, self.step, self.clock = name, label, step, clock
         self.synchronize, self.parameters = synchronize, parameters
-        self.times_ms, self.first_loss, self.memory = [], None, {}
+        self.times_ms, self.first_loss, self.memory, self.launches = [], None, {}, None
 
     def warm_up(self, count):
         for index in range(count):
@@ -346,32 +368,28 @@ class Runner:
         self.times_ms += self.clock.time(self.step, count)
 
 
-def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None, cuda_graph=False):
+def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None):
     optimizer = AdamW(parameter_groups(model, TRAINING.weight_decay), lr=TRAINING.lr)
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None, threads=threads)
-    step = train_step
-    if cuda_graph:
-        optimizer.set_schedule([TRAINING.lr])      # a constant learning rate, looked up on the device
-        step = GraphedTrainStep(train_step)
     images, labels = backend.asarray(images), backend.asarray(labels)
     xp = backend.xp
     if backend.name == "gpu":
         clock = CudaEventClock(xp.cuda.Event, xp.cuda.get_elapsed_time)
     else:
         clock = HostClock()
-    runner = Runner("scratchvit", "scratchvit (CUDA graph)" if cuda_graph else "scratchvit", lambda: step(images, labels),
-                    clock, backend.synchronize, sum(parameter.size for parameter in model.parameters()))
+    runner = Runner("scratchvit", "scratchvit", lambda: train_step(images, labels), clock, backend.synchronize,
+                    sum(parameter.size for parameter in model.parameters()))
     runner.state_bytes = sum(array.nbytes for array in (optimizer.data, optimizer.grad, optimizer.exp_avg,
                                                         optimizer.exp_avg_sq, optimizer.update)
                              if array is not None)          # no CPU scratch buffer on the GPU
 
     def measure_memory():
         if backend.name == "gpu":
-            pools = [xp.get_default_memory_pool()] + ([step.memory_pool] if cuda_graph else [])
-            return dict(peak_bytes=sum(int(pool.total_bytes()) for pool in pools),
-                        used_bytes=sum(int(pool.used_bytes()) for pool in pools), state_bytes=runner.state_bytes,
-                        note="CuPy's memory pools after the steps (the default one, and the CUDA graph's own): "
-                             "peak_bytes = bytes held by the pools (their high-water mark), used_bytes = in use")
+            pool = xp.get_default_memory_pool()
+            return dict(peak_bytes=int(pool.total_bytes()), used_bytes=int(pool.used_bytes()),
+                        state_bytes=runner.state_bytes,
+                        note="CuPy's default memory pool after the steps: peak_bytes = bytes held by the pool "
+                             "(its high-water mark), used_bytes = in use")
         return dict(peak_bytes=traced_peak_bytes(runner.step), state_bytes=runner.state_bytes,
                     note="peak of the NumPy bytes allocated during one untimed step (tracemalloc); parameters, "
                          "gradients and AdamW state that exist before the step are state_bytes")
@@ -417,12 +435,107 @@ def torch_runner(torch, config, state, args, images, labels):
         if device == "cuda":
             return dict(peak_bytes=int(torch.cuda.max_memory_reserved()),
                         allocated_peak_bytes=int(torch.cuda.max_memory_allocated()),
-                        note="torch.cuda.max_memory_reserved (the caching allocator's high-water mark) and "
-                             "max_memory_allocated")
+                        used_bytes=int(torch.cuda.memory_allocated()),
+                        note="torch.cuda.max_memory_reserved (the caching allocator's high-water mark), "
+                             "max_memory_allocated, and memory_allocated after the steps (used_bytes)")
         return dict(peak_bytes=None, note="PyTorch's CPU allocations are not visible to tracemalloc: not measured")
 
     runner.measure_memory = measure_memory
     return runner
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU operations per step, counted with PyTorch's profiler (CuPy has no launch hook)
+
+# torch.profiler's events carry libkineto's activity type as a string (`FunctionEvent.activity_type`,
+# filled from `KinetoEvent.activity_type()` in torch/autograd/profiler.py); the names are libkineto's
+# (kineto libkineto/include/ActivityType.h). CUPTI's kernel, memcpy and memset records become these three.
+GPU_OPERATION_KINDS = {"kernel": "kernels", "gpu_memcpy": "memcpy", "gpu_memset": "memset"}
+NOT_COUNTED = dict(kernels=None, memcpy=None, memset=None, total=None)
+
+
+def count_gpu_operations(events):
+    """{"kernels", "memcpy", "memset", "total"}: how many of torch.profiler's `events` ran on the GPU, by kind.
+
+    An event's `activity_type` tells them apart: "kernel", "gpu_memcpy", "gpu_memset"; every other
+    event is not a GPU operation of the step (CPU ops, CUDA runtime and driver calls, whose
+    device_type is CPU; synchronisation and annotation ranges, whose device_type is CUDA like the
+    kernels', which is why device_type alone would over-count). A torch whose events have no
+    `activity_type` falls back on device_type CUDA and libkineto's names for copies and fills,
+    "Memcpy HtoD (Pageable -> Device)", "Memset (Device)" (kineto libkineto/src/CuptiActivity.h).
+    """
+    counts = dict(kernels=0, memcpy=0, memset=0)
+    for event in events:
+        kind = _gpu_operation_kind(event)
+        if kind is not None:
+            counts[kind] += 1
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _gpu_operation_kind(event):
+    activity_type = getattr(event, "activity_type", None)
+    if activity_type is not None:
+        return GPU_OPERATION_KINDS.get(activity_type)
+    if getattr(event.device_type, "name", None) != "CUDA":          # torch.autograd.DeviceType.CUDA
+        return None
+    if event.name.startswith("Memcpy"):
+        return "memcpy"
+    if event.name.startswith("Memset"):
+        return "memset"
+    return "kernels"
+
+
+def torch_for_launch_counting(device, torch=None):
+    """(torch, None) where torch's profiler can trace the GPU here, else (None, the reason in a few words)."""
+    if device != "gpu":
+        return None, "counted on the GPU only: --device gpu"
+    try:
+        if torch is None:
+            import torch
+        if not torch.cuda.is_available():
+            return None, f"torch {torch.__version__} sees no GPU (a CPU build?); its profiler does the counting"
+        if torch.profiler.ProfilerActivity.CUDA not in torch.profiler.supported_activities():
+            return None, f"torch {torch.__version__}'s profiler cannot trace the GPU here (no CUPTI)"
+    except ImportError:
+        return None, "torch is not installed; its profiler does the counting (pip install torch, a CUDA build)"
+    except Exception as error:      # a broken CUDA install can raise anything on import or on the first query
+        return None, f"torch is unusable here: {_one_line(error)}"
+    return torch, None
+
+
+def profile_gpu_operations(torch, step, synchronize):
+    """Run `step()` once under torch.profiler, tracing the GPU only, and count what it ran there.
+
+    libkineto drops GPU records that fall outside the trace's window (GenericActivityProfiler::outOfRange),
+    so waiting for the GPU before the trace keeps earlier steps' work out of it, and waiting at the end
+    of the step (`synchronize`, the step's own library's wait) keeps none of this step's work out.
+    """
+    synchronize()
+    torch.cuda.synchronize()     # every stream of the device; also sets up torch's CUDA state outside the trace
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        step()
+        synchronize()
+    return count_gpu_operations(profiler.events())
+
+
+def count_launches(runner, torch, reason):
+    """The runner's GPU operations in one untimed step: count_gpu_operations' dict plus `reason`, which is
+    None when counted; where they cannot be counted the numbers are None and `reason` says why."""
+    if torch is not None:
+        try:
+            counts = profile_gpu_operations(torch, runner.step, runner.synchronize)
+            if counts["total"] > 0:
+                return dict(counts, reason=None)
+            reason = "the profiler recorded no GPU work in the step (CUPTI not tracing?)"
+        except Exception as error:        # counting is extra: report it, never fail the benchmark for it
+            reason = f"counting failed: {_one_line(error)}"
+    return dict(NOT_COUNTED, reason=reason)
+
+
+def _one_line(error, limit=200):
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,14 +579,42 @@ def machine_info(backend, torch=None):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     if backend.name == "gpu":
         cupy = backend.xp
-        properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        device = cupy.cuda.Device()
+        properties = cupy.cuda.runtime.getDeviceProperties(device.id)
         name = properties["name"]
         info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        info["gpu_compute_capability"] = device.compute_capability
+        info["gpu_memory_bytes"] = int(properties["totalGlobalMem"])
         info["cupy"] = cupy.__version__
+        info["cuda_driver"] = _cuda_version(cupy.cuda.runtime.driverGetVersion)     # newest CUDA the driver runs
+        info["cuda_runtime"] = _cuda_version(cupy.cuda.runtime.runtimeGetVersion)   # the runtime CuPy uses
+        info["nvidia_driver"] = _nvidia_driver()
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        if backend.name == "gpu":
+            info["torch_cuda"] = torch.version.cuda
     return info
+
+
+def _cuda_version(get_version):
+    """CUDA's version integer (1000 * major + 10 * minor) as "major.minor", or None if it cannot be read."""
+    try:
+        version = int(get_version())
+    except Exception:
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _nvidia_driver(path="/proc/driver/nvidia/version"):
+    """The NVIDIA kernel module's version ("550.54.15"), read from `path` (Linux), or None."""
+    try:
+        with open(path) as file:
+            words = file.readline().split()
+    except OSError:
+        return None
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024"
+    return next((word for word in words if word[:1].isdigit() and "." in word), None)
 
 
 def _mib(value):
@@ -491,6 +632,22 @@ def _memory_text(result, device):
     return f"peak {_mib(memory['peak_bytes'])} (one step, traced)"
 
 
+def _launches_text(results):
+    """One line: each library's GPU operations per step, or n/a with the reason (said once if shared)."""
+    reasons = {result["launches"]["reason"] for result in results.values()}
+    if len(reasons) == 1 and None not in reasons:
+        return f"launches per step: n/a ({reasons.pop()})"
+    parts = []
+    for result in results.values():
+        launches = result["launches"]
+        if launches["reason"] is None:
+            parts.append(f"{result['label']} {launches['kernels']} kernels "
+                         f"(+{launches['memcpy']} memcpy, +{launches['memset']} memset)")
+        else:
+            parts.append(f"{result['label']} n/a ({launches['reason']})")
+    return "launches per step: " + "; ".join(parts)
+
+
 def format_table(report):
     c, t, m = report["config"], report["timing"], report["machine"]
     lines = [f"device {report['device']}  config image {c['image_size']} patch {c['patch_size']} dim {c['dim']} "
@@ -503,7 +660,9 @@ def format_table(report):
     if m["thread_environment"]:
         machine += " " + " ".join(f"{key}={value}" for key, value in m["thread_environment"].items())
     if "gpu" in m:
-        machine += f"; {m['gpu']}, cupy {m['cupy']}"
+        machine += f"; {m['gpu']}, cupy {m['cupy']}, CUDA runtime {m['cuda_runtime']}, driver {m['cuda_driver']}"
+        if m.get("nvidia_driver"):
+            machine += f" ({m['nvidia_driver']})"
     if "torch" in m:
         machine += f"; torch {m['torch']} ({m['torch_threads']} threads)"
     lines.append(machine)
@@ -517,6 +676,7 @@ def format_table(report):
         lines.append(f"{result['label']:<{width}}  median {result['median_ms']:>{number_width}.1f} ms  "
                      f"(min {result['min_ms']:.1f}, IQR {result['q1_ms']:.1f}-{result['q3_ms']:.1f})  "
                      f"{result['img_per_s']:>6.0f} img/s  {_memory_text(result, report['device'])}")
+    lines.append(_launches_text(report["results"]))
     if report.get("ratio") is not None:
         torch_result = report["results"]["torch"]
         scratch = report["results"]["scratchvit"]
@@ -588,7 +748,7 @@ def _run(args, backend, config, model, torch):
     initial_state = model.state_dict()
     model.to(backend)
     model.train()
-    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads, args.cuda_graph)]
+    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads)]
     if torch is not None:
         runners.append(torch_runner(torch, config, initial_state, args, images, labels))
         if runners[1].parameters != runners[0].parameters:
@@ -603,21 +763,28 @@ def _run(args, backend, config, model, torch):
             runner.measure(count)
     for runner in runners:
         runner.memory = runner.measure_memory()
+    counting_torch, reason = torch_for_launch_counting(args.device, torch)
+    for runner in runners:             # after the timed steps and the memory figures: one more step each
+        runner.launches = count_launches(runner, counting_torch, reason)
 
     results = {}
     for runner in runners:
-        results[runner.name] = dict(library=runner.name, label=runner.label, **summarize(runner.times_ms, args.batch_size),
+        summary = summarize(runner.times_ms, args.batch_size)
+        results[runner.name] = dict(library=runner.name, label=runner.label, **summary,
+                                    images_per_second=summary["img_per_s"],
                                     parameters=int(runner.parameters), first_loss=runner.first_loss,
-                                    memory=runner.memory, peak_bytes=runner.memory["peak_bytes"])
+                                    memory=runner.memory, peak_bytes=runner.memory["peak_bytes"],
+                                    used_bytes=runner.memory.get("used_bytes"),
+                                    launches_per_step=runner.launches["kernels"], launches=runner.launches)
     ratio = None
     if "torch" in results:
         ratio = results["scratchvit"]["median_ms"] / results["torch"]["median_ms"]
     report = dict(
         device=args.device,
         config=dict(config, batch_size=args.batch_size, dtype=args.dtype, clip_grad_norm=args.clip_grad_norm,
-                    lr=TRAINING.lr, weight_decay=TRAINING.weight_decay, seed=args.seed, cuda_graph=args.cuda_graph),
+                    lr=TRAINING.lr, weight_decay=TRAINING.weight_decay, seed=args.seed),
         timing=dict(clock=runners[0].clock.name, steps=args.steps, warmup=args.warmup, rounds=rounds),
-        machine=machine_info(backend, torch),
+        machine=machine_info(backend, torch or counting_torch),
         results=results,
         scratchvit_threads=runners[0].threads,
         ratio=ratio)

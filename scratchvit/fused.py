@@ -5,7 +5,7 @@ resolution, the kernel cache look-up), and each plain array operation is one lau
 temporary array. A LayerNorm written with array operations (row mean, centring, square, row mean,
 add eps, sqrt, reciprocal, scale, times gamma, plus beta) is about ten launches; on the small tensors
 of a ViT that Python overhead, not the GPU, sets the step time. Each kernel here does the same
-arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
+arithmetic in one launch (two for dropout, whose uniforms cuRAND draws; two for the norm).
 
 | kernel (this module)                     | replaces (plain version)                                 | launches |
 |------------------------------------------|----------------------------------------------------------|----------|
@@ -13,38 +13,60 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws).
 | layernorm_forward                        | layers/layernorm.py  LayerNorm.forward                   | 1        |
 | layernorm_backward                       | LayerNorm.backward (gamma/beta sums stay column_sum)     | 1 + 3    |
 | softmax_forward / softmax_backward       | layers/softmax.py  softmax(scale*s) / softmax_backward   | 1 / 1    |
+| split_qkv                                | layers/attention.py forward: q * scale and contiguous    | 1        |
+|                                          | k, v, k^T, v^T out of qkv (5 launches)                   |          |
+| merge_grad_qkv                           | attention.py backward: g_q *= scale, then the (3,B,H,T,d)| 1        |
+|                                          | -> (B,T,3D) transpose-reshape copy (2 launches)          |          |
 | dropout_forward                          | layers/dropout.py  Dropout.forward (mask and output)     | 1 + cuRAND |
-| add_dropout, add_dropout_forward         | x + dropout(h): a residual add after dropout (not yet    | 1 (+ cuRAND) |
-|                                          | used by EncoderBlock: to be wired where it can be timed) |          |
+| add_dropout_forward                      | x + Dropout(h) in EncoderBlock (Dropout.forward_add):    | 1 + cuRAND |
+|                                          | Dropout.forward, then h += x (2 + cuRAND)                |          |
+| add_dropout                              | the same with a fixed mask (Dropout.fix_mask; 2 launches)| 1        |
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
-| adamw_scheduled_step                     | the same, lr and bias corrections read on the device     | 1 + 1    |
-| l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 1        |
+| l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 2        |
+
+"cuRAND" is the uniform draw `generator.random(shape, dtype)` of a CuPy Generator: one launch of
+CuPy's cuRAND-device kernel (cupy/random/_generator_api.pyx, `Generator.random` -> `_launch_dist`).
 
 Every kernel is held against its plain version, run by NumPy on host copies of the same inputs, in
 tests/test_fused.py, on random inputs of several shapes, in float64 (tight tolerance) and float32;
 tests/test_fused_compiles.py compiles each with NVRTC where CuPy is installed, GPU or not.
 
-Three kinds of kernel:
+Two kinds of kernel:
 - `cupy.ElementwiseKernel` for elementwise work. Its type placeholder `T` takes the arrays' dtype, so
   one definition serves float32 and float64; scalar arguments declared `T` are cast to that dtype
   on the host, exactly as NumPy casts a Python float in `float32_array * 0.9`.
-- `cupy.RawKernel` for row-wise work (LayerNorm, softmax, cross-entropy): one thread block of
-  ROW_BLOCK threads per row, each thread striding over the row, block-wide sums and maxima through
-  shared memory. The source is compiled once per dtype, with `typedef float T;` or `typedef double T;`
-  in front. Rows may have any length (the loops stride), not only up to ROW_BLOCK. The one-thread
-  `scratchvit_adamw_scalars` is a raw kernel too.
-- `cupy.ReductionKernel` for the gradient norm (a map, a sum, a square root, in one launch).
+- `cupy.RawKernel` for everything else, compiled once per dtype with `typedef float T;` or
+  `typedef double T;` in front of the source:
+  - row-wise work (LayerNorm, softmax, cross-entropy): one thread block of ROW_BLOCK threads per
+    row, each thread striding over the row, block-wide sums and maxima through shared memory. Rows
+    may have any length (the loops stride), not only up to ROW_BLOCK;
+  - the attention layouts (split_qkv, merge_grad_qkv): a grid-stride loop, one thread per element
+    of a (B, T, D) array, each moving that element's three values (q, k, v);
+  - the gradient norm: two launches of fixed size (NORM_GRID blocks of NORM_BLOCK threads, then one
+    block), sums of squares in double, no atomics, so the same input always gives the same bits.
+  No `cupy.ReductionKernel`: with CuPy's default accelerators (CUPY_ACCELERATORS unset means "cub"),
+  a full reduction of a contiguous array of 128 or more elements runs through CuPy's own CUB kernels
+  (cupy/_core/_cub_reduction.pyx: two launches, source generated in Cython code, compiled by NVRTC
+  without the options given to the ReductionKernel), which tests/test_fused_compiles.py cannot build.
 
 Import without CuPy: nothing here imports CuPy at module level. Kernels are built on first use and
-cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`, `_reduction_kernels`), so each
-is defined once per process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
-(labels: any integer dtype); inputs of one call must share a dtype.
+cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`), so each is defined once per
+process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
+(labels: any integer dtype); inputs of one call must share a dtype. None of them synchronises with
+the host.
 
 Arithmetic follows the plain formulas step by step (same operation order, constants cast to the
 array dtype the way NumPy casts Python floats, and compiled with --fmad=false so no a*b+c becomes a
-fused multiply-add), so results agree to rounding; row sums are reduced in a different order from
-the plain version's, so the row kernels are not bitwise equal to it.
+fused multiply-add), so results agree to rounding, with one exception in float32: CuPy appends
+-ftz=true to every kernel's options (cupy/cuda/compiler.py, `_compile_with_cache_cuda`; our
+--fmad=false is kept, not replaced), so float32 arithmetic on the GPU flushes subnormal inputs and
+results (|v| < 2**-126, about 1.2e-38) to zero of the same sign, where NumPy keeps them. float64
+arithmetic is not affected (NVRTC's -ftz concerns single precision only: with it, PTX gets
+`mul.rn.ftz.f32` but still `mul.rn.f64`), and kernels that only copy a value (split_qkv's k and v)
+move its bits unchanged. Row sums are reduced in a different order from the plain version's, so the
+row kernels are not bitwise equal to it; l2_norm sums in double, so in float32 it is the more
+accurate of the two.
 """
 import math
 
@@ -54,11 +76,23 @@ from .layers.gelu import CUBIC_COEFFICIENT, SQRT_2_OVER_PI
 from .layers.reductions import column_sum
 
 __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
-           "softmax_forward", "softmax_backward", "dropout_forward", "add_dropout", "add_dropout_forward",
-           "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "adamw_scheduled_step", "l2_norm",
-           "ROW_BLOCK"]
+           "softmax_forward", "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout",
+           "add_dropout_forward", "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm",
+           "ROW_BLOCK", "NORM_BLOCK", "NORM_GRID"]
 
 ROW_BLOCK = 128   # threads per block of the row-wise raw kernels (a power of two, as the reductions need)
+# l2_norm: stage 1 runs NORM_GRID blocks of NORM_BLOCK threads (a power of two, for the tree sum), each
+# block writing one partial sum; stage 2 is one block of NORM_BLOCK threads adding the NORM_GRID
+# partials. Fixed sizes, not derived from the device or the input: the order of the additions, hence
+# the result, depends on the input alone. 1024 blocks of 256 threads are about one full wave on an
+# H100/H200 (132 SMs, up to 2048 resident threads each), enough to stream a gradient buffer of
+# millions of elements at memory speed; on a small input most threads find nothing to add.
+NORM_BLOCK = 256
+NORM_GRID = 1024
+# split_qkv and merge_grad_qkv: ELEMENT_BLOCK threads per block, one thread per element up to
+# _ELEMENT_GRID_MAX blocks (16.7M elements), beyond that each thread loops (a grid-stride loop)
+ELEMENT_BLOCK = 256
+_ELEMENT_GRID_MAX = 65535
 
 _C_TYPES = {"float32": "float", "float64": "double"}
 
@@ -77,12 +111,11 @@ _GELU_C = repr(SQRT_2_OVER_PI)                                  # c
 _GELU_CA = repr(SQRT_2_OVER_PI * CUBIC_COEFFICIENT)             # c * a
 _GELU_3CA = repr(3.0 * SQRT_2_OVER_PI * CUBIC_COEFFICIENT)      # 3 * c * a
 
-# optim.py AdamW.step, shared by the kernels that take its factors as arguments and those that read them
+# optim.py AdamW.step, in its order: the moments, the decoupled decay, the update (the two variants
+# below differ only in the decay step)
 _ADAMW_MOMENTS = ("exp_avg = exp_avg * beta1 + grad * one_minus_beta1;\n"
                   "exp_avg_sq = exp_avg_sq * beta2 + (grad * grad) * one_minus_beta2;\n")
 _ADAMW_UPDATE = "param = param - (exp_avg / (sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps)) * step_size;\n"
-_ADAMW_MASKED = _ADAMW_MOMENTS + "param = param - (param * decay_mask) * decay_rate;\n" + _ADAMW_UPDATE
-_ADAMW_UNMASKED = _ADAMW_MOMENTS + "param = param * decay_factor;\n" + _ADAMW_UPDATE
 
 # name -> (in_params, out_params, operation)
 _ELEMENTWISE_SOURCES = {
@@ -143,37 +176,15 @@ _ELEMENTWISE_SOURCES = {
         "T grad, T decay_mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_rate, "
         "T inv_sqrt_bc2, T eps, T step_size",
         "T param, T exp_avg, T exp_avg_sq",
-        _ADAMW_MASKED,
+        _ADAMW_MOMENTS + "param = param - (param * decay_mask) * decay_rate;\n" + _ADAMW_UPDATE,
     ),
     # optim.py AdamW.step, one weight decay for all elements
     "scratchvit_adamw_unmasked": (
         "T grad, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_factor, "
         "T inv_sqrt_bc2, T eps, T step_size",
         "T param, T exp_avg, T exp_avg_sq",
-        _ADAMW_UNMASKED,
+        _ADAMW_MOMENTS + "param = param * decay_factor;\n" + _ADAMW_UPDATE,
     ),
-    # the same two updates with their step-dependent factors read from device memory, where
-    # scratchvit_adamw_scalars wrote them (AdamW.set_schedule: a step that a CUDA graph can replay)
-    "scratchvit_adamw_masked_scheduled": (
-        "T grad, T decay_mask, raw T scalars, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T eps",
-        "T param, T exp_avg, T exp_avg_sq",
-        "const T decay_rate = scalars[0];\n"
-        "const T inv_sqrt_bc2 = scalars[1];\n"
-        "const T step_size = scalars[2];\n" + _ADAMW_MASKED,
-    ),
-    "scratchvit_adamw_unmasked_scheduled": (
-        "T grad, raw T scalars, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T eps",
-        "T param, T exp_avg, T exp_avg_sq",
-        "const T decay_factor = scalars[0];\n"
-        "const T inv_sqrt_bc2 = scalars[1];\n"
-        "const T step_size = scalars[2];\n" + _ADAMW_UNMASKED,
-    ),
-}
-
-# name -> (in_params, out_params, map_expr, reduce_expr, post_map_expr, identity) of a cupy.ReductionKernel
-_REDUCTION_SOURCES = {
-    # optim.py AdamW.grad_norm: sqrt(g . g) over the flat gradient buffer
-    "scratchvit_l2_norm": ("T x", "T norm", "x * x", "a + b", "norm = sqrt(a)", "0"),
 }
 
 # Shared by every row kernel, after `typedef float T;` / `typedef double T;`. Both reductions need
@@ -210,6 +221,23 @@ __device__ T row_block_max(T value, T* buf) {
     const T result = buf[0];
     __syncthreads();
     return result;
+}
+"""
+
+# The l2_norm kernels' block sum, in double: a tree in shared memory, the same order on every run.
+# Needs blockDim.x == NORM_BLOCK (a power of two); every thread of the block must call it (it syncs).
+_NORM_BLOCK_SUM = r"""
+__device__ double norm_block_sum(double value, double* buf) {
+    const int tid = threadIdx.x;
+    buf[tid] = value;
+    __syncthreads();
+    for (int stride = NORM_BLOCK / 2; stride > 0; stride >>= 1) {
+        if (tid < stride) {
+            buf[tid] = buf[tid] + buf[tid + stride];
+        }
+        __syncthreads();
+    }
+    return buf[0];
 }
 """
 
@@ -358,23 +386,124 @@ extern "C" __global__ void scratchvit_cross_entropy_forward(
     }
 }
 """,
-    # optim.py AdamW.step's step-dependent factors, computed on the device (one thread), in double
-    # precision as the host computes them, from a step counter and a learning-rate table kept there:
-    #   t = step + 1 (stored back);  lr = learning_rates[min(t, length) - 1]
-    #   scalars = [decay term, 1 / sqrt(1 - beta2^t), lr / (1 - beta1^t)]
-    # The decay term is lr * wd with a per-element mask, else the factor 1 - lr * wd.
-    "scratchvit_adamw_scalars": r"""
-extern "C" __global__ void scratchvit_adamw_scalars(
-        int* step, const double* learning_rates, const int length, const double beta1, const double beta2,
-        const double weight_decay, const int masked, T* scalars) {
-    const int t = step[0] + 1;
-    step[0] = t;
-    const double lr = learning_rates[(t < length ? t : length) - 1];
-    const double bias_correction1 = 1.0 - pow(beta1, (double)t);
-    const double bias_correction2 = 1.0 - pow(beta2, (double)t);
-    scalars[0] = (T)(masked ? lr * weight_decay : 1.0 - lr * weight_decay);
-    scalars[1] = (T)(1.0 / sqrt(bias_correction2));
-    scalars[2] = (T)(lr / bias_correction1);
+    # attention.py forward, the split of qkv (B, T, 3D) into heads (D = H * d, s = 0, 1, 2 for q, k, v):
+    #   qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)[s, b, h, t, e] = qkv[b, t, s*D + h*d + e]
+    #   q_scaled = q * scale;  k, v copied (B, H, T, d);  k^T, v^T copied (B, H, d, T)
+    # One thread per element i of a (B, T, D) array, i = (b*T + t) * D + c with c = h*d + e: it reads
+    # the three values qkv[(b*T + t) * 3D + s*D + c] (consecutive threads, consecutive addresses) and
+    # writes them at
+    #   by_token   = ((b*H + h) * T + t) * d + e     into q_scaled, k, v       [b, h, t, e]
+    #   by_feature = ((b*H + h) * d + e) * T + t     into k_t, v_t             [b, h, e, t]
+    # (consecutive threads write k_t and v_t T elements apart: a transpose, as CuPy's copies were).
+    # 64-bit indices: B*T*3D may pass 2**31 even when every dimension fits an int.
+    "scratchvit_split_qkv": r"""
+extern "C" __global__ void scratchvit_split_qkv(
+        const T* qkv, T* q_scaled, T* k, T* v, T* k_t, T* v_t,
+        const int batch, const int tokens, const int heads, const int head_dim, const T scale) {
+    const long long D = (long long)heads * head_dim;
+    const long long n = (long long)batch * tokens * D;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const long long row = i / D;                 // b*T + t
+        const long long c = i - row * D;             // h*d + e
+        const long long b = row / tokens;
+        const long long t = row - b * tokens;
+        const long long h = c / head_dim;
+        const long long e = c - h * head_dim;
+        const long long source = row * (3 * D) + c;  // q's element; k's is D further, v's 2D
+        const long long bh = b * heads + h;
+        const long long by_token = (bh * tokens + t) * head_dim + e;
+        const long long by_feature = (bh * head_dim + e) * tokens + t;
+        q_scaled[by_token] = qkv[source] * scale;
+        const T key = qkv[source + D];
+        k[by_token] = key;
+        k_t[by_feature] = key;
+        const T value = qkv[source + 2 * D];
+        v[by_token] = value;
+        v_t[by_feature] = value;
+    }
+}
+""",
+    # attention.py backward, the split undone: grad_heads (3, B, H, T, d) holds [g_q_scaled, g_k, g_v];
+    #   g_q = g_q_scaled * scale   (forward: q_scaled = q * scale)
+    #   grad_qkv = grad_heads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3D):
+    #   grad_qkv[b, t, s*D + h*d + e] = grad_heads[s, b, h, t, e]
+    # Threads as in scratchvit_split_qkv (i = (b*T + t) * D + c, c = h*d + e); thread i reads
+    # grad_heads at s*n + ((b*H + h) * T + t) * d + e (n = B*T*D, the size of one of the three) and
+    # writes grad_qkv at (b*T + t) * 3D + s*D + c. g_k and g_v are copied, not multiplied by 1:
+    # under -ftz a float32 product would flush subnormals the plain copy keeps.
+    "scratchvit_merge_grad_qkv": r"""
+extern "C" __global__ void scratchvit_merge_grad_qkv(
+        const T* grad_heads, T* grad_qkv,
+        const int batch, const int tokens, const int heads, const int head_dim, const T scale) {
+    const long long D = (long long)heads * head_dim;
+    const long long n = (long long)batch * tokens * D;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const long long row = i / D;                 // b*T + t
+        const long long c = i - row * D;             // h*d + e
+        const long long b = row / tokens;
+        const long long t = row - b * tokens;
+        const long long h = c / head_dim;
+        const long long e = c - h * head_dim;
+        const long long by_token = ((b * heads + h) * tokens + t) * head_dim + e;
+        const long long target = row * (3 * D) + c;  // g_q's element; g_k's is D further, g_v's 2D
+        grad_qkv[target] = grad_heads[by_token] * scale;
+        grad_qkv[target + D] = grad_heads[n + by_token];
+        grad_qkv[target + 2 * D] = grad_heads[2 * n + by_token];
+    }
+}
+""",
+    # optim.py AdamW.grad_norm, sqrt(g . g), stage 1 of 2: thread tid of block j sums the squares of
+    # x[(k * NORM_GRID + j) * NORM_BLOCK + tid], k = 0, 1, ... (a grid-stride loop), the block sums its
+    # threads' sums, and thread 0 writes partials[j].
+    # In double for float32 too, for three reasons. The square of a float32 is exact in double (a 24-bit
+    # significand squared fits in 53 bits). It neither overflows (a float32 square does above
+    # |x| ~ 1.8e19: one such gradient would make the norm inf, and clip_grad_norm would then scale every
+    # gradient to zero) nor underflows (a float32 square goes subnormal below |x| ~ 1.1e-19, and -ftz
+    # flushes it to zero). And the sum's rounding error stays far below float32's: each thread adds at
+    # most ceil(n / (NORM_GRID * NORM_BLOCK)) terms, then come a tree of 8 levels, 4 partials per thread
+    # in stage 2 and another tree of 8 levels, a relative error of at most about
+    # (n / 262144 + 20) * 1.1e-16 against float32's 6e-8.
+    # What -ftz still does here: the conversion to double (cvt.ftz.f64.f32) flushes float32 elements
+    # that are themselves subnormal (|x| < 2**-126) to zero; their squares (< 2**-252) change no norm
+    # that float32 can represent. On an H100/H200 (full-rate float64) the few double operations per
+    # element cost far less than loading the element: the kernel is bound by memory either way.
+    "scratchvit_l2_norm_partials": r"""
+#define NORM_BLOCK """ + str(NORM_BLOCK) + r"""
+#define NORM_GRID """ + str(NORM_GRID) + r"""
+""" + _NORM_BLOCK_SUM + r"""
+extern "C" __global__ void scratchvit_l2_norm_partials(const T* x, const long long n, double* partials) {
+    __shared__ double buf[NORM_BLOCK];
+    double partial = 0.0;
+    for (long long i = (long long)blockIdx.x * NORM_BLOCK + threadIdx.x; i < n;
+            i += (long long)NORM_GRID * NORM_BLOCK) {
+        const double value = (double)x[i];
+        partial += value * value;
+    }
+    const double total = norm_block_sum(partial, buf);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = total;
+    }
+}
+""",
+    # stage 2 of 2, one block: thread tid sums partials[tid + k * NORM_BLOCK] (k = 0, 1, ...), the block
+    # sums those, and thread 0 writes norm[0] = sqrt(total): the square root in double, then one rounding
+    # to T (a float32 norm below 2**-126 becomes 0 under -ftz).
+    "scratchvit_l2_norm_finish": r"""
+#define NORM_BLOCK """ + str(NORM_BLOCK) + r"""
+#define NORM_GRID """ + str(NORM_GRID) + r"""
+""" + _NORM_BLOCK_SUM + r"""
+extern "C" __global__ void scratchvit_l2_norm_finish(const double* partials, T* norm) {
+    __shared__ double buf[NORM_BLOCK];
+    double partial = 0.0;
+    for (int j = threadIdx.x; j < NORM_GRID; j += NORM_BLOCK) {
+        partial += partials[j];
+    }
+    const double total = norm_block_sum(partial, buf);
+    if (threadIdx.x == 0) {
+        norm[0] = (T)sqrt(total);
+    }
 }
 """,
 }
@@ -386,7 +515,6 @@ extern "C" __global__ void scratchvit_adamw_scalars(
 _cupy_module = None
 _elementwise_kernels = {}   # name -> cupy.ElementwiseKernel (type-generic: CuPy compiles per dtype)
 _raw_kernels = {}           # (name, dtype name) -> cupy.RawKernel
-_reduction_kernels = {}     # name -> cupy.ReductionKernel (type-generic)
 
 
 def _cupy():
@@ -404,14 +532,6 @@ def _elementwise(name):
         in_params, out_params, operation = _ELEMENTWISE_SOURCES[name]
         kernel = _cupy().ElementwiseKernel(in_params, out_params, operation, name, options=_COMPILE_OPTIONS)
         _elementwise_kernels[name] = kernel
-    return kernel
-
-
-def _reduction(name):
-    kernel = _reduction_kernels.get(name)
-    if kernel is None:
-        kernel = _cupy().ReductionKernel(*_REDUCTION_SOURCES[name], name=name, options=_COMPILE_OPTIONS)
-        _reduction_kernels[name] = kernel
     return kernel
 
 
@@ -543,6 +663,61 @@ def softmax_backward(probs, grad_probs, scale=1.0):
         _raw("scratchvit_softmax_backward", dtype)(
             (rows,), (ROW_BLOCK,), (probs, grad_probs, grad_scores, _int32(n), dtype.type(scale)))
     return grad_scores
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: the split of qkv into heads, and its gradient's merge
+# ---------------------------------------------------------------------------------------------------
+
+def _element_grid(n):
+    """Blocks for a grid-stride kernel over n elements: one thread each, up to _ELEMENT_GRID_MAX blocks."""
+    return (max(1, min(-(-n // ELEMENT_BLOCK), _ELEMENT_GRID_MAX)),)
+
+
+def split_qkv(qkv, heads, scale):
+    """The q, k, v heads of a (B, T, 3D) qkv in one launch: returns (q_scaled, k, v, k_t, v_t), new
+    C-contiguous arrays, q_scaled, k, v of shape (B, H, T, d) and k_t, v_t of shape (B, H, d, T)
+    (H = heads, d = D / H), as `layers.MultiHeadSelfAttention.forward` computes them:
+        q, k, v = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)
+        q_scaled = q * scale;  k_t = k.transpose(0, 1, 3, 2);  v_t = v.transpose(0, 1, 3, 2)
+    k and v are exact copies; q_scaled is one rounding of q * scale, scale cast to the dtype."""
+    cupy = _cupy()
+    dtype = _float_dtype(qkv)
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv must have shape (B, T, 3 * heads * head_dim) with heads={heads}, got {qkv.shape}")
+    B, T, three_D = qkv.shape
+    d = three_D // (3 * heads)
+    qkv = cupy.ascontiguousarray(qkv)
+    q_scaled, k, v = (cupy.empty((B, heads, T, d), dtype=dtype) for _ in range(3))
+    k_t, v_t = (cupy.empty((B, heads, d, T), dtype=dtype) for _ in range(2))
+    n = B * T * heads * d
+    if n:
+        _raw("scratchvit_split_qkv", dtype)(
+            _element_grid(n), (ELEMENT_BLOCK,),
+            (qkv, q_scaled, k, v, k_t, v_t, _int32(B), _int32(T), _int32(heads), _int32(d), dtype.type(scale)))
+    return q_scaled, k, v, k_t, v_t
+
+
+def merge_grad_qkv(grad_heads, scale):
+    """The gradient of split_qkv's input in one launch: grad_heads (3, B, H, T, d) holds the gradients
+    of (q_scaled, k, v); returns grad_qkv (B, T, 3 * H * d), new and C-contiguous, as
+    `layers.MultiHeadSelfAttention.backward` computes it:
+        grad_heads[0] *= scale      (q_scaled = q * scale)
+        grad_qkv = grad_heads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * d)
+    without modifying grad_heads."""
+    cupy = _cupy()
+    dtype = _float_dtype(grad_heads)
+    if grad_heads.ndim != 5 or grad_heads.shape[0] != 3:
+        raise ValueError(f"grad_heads must have shape (3, B, heads, T, head_dim), got {grad_heads.shape}")
+    _, B, H, T, d = grad_heads.shape
+    grad_heads = cupy.ascontiguousarray(grad_heads)
+    grad_qkv = cupy.empty((B, T, 3 * H * d), dtype=dtype)
+    n = B * T * H * d
+    if n:
+        _raw("scratchvit_merge_grad_qkv", dtype)(
+            _element_grid(n), (ELEMENT_BLOCK,),
+            (grad_heads, grad_qkv, _int32(B), _int32(T), _int32(H), _int32(d), dtype.type(scale)))
+    return grad_qkv
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -678,35 +853,28 @@ def adamw_step(data, grad, exp_avg, exp_avg_sq, decay_mask, lr, beta1, beta2, ep
             data, exp_avg, exp_avg_sq)
 
 
-def adamw_scheduled_step(data, grad, exp_avg, exp_avg_sq, decay_mask, learning_rates, step, beta1, beta2, eps,
-                         weight_decay, scalars):
-    """`adamw_step` with its step-dependent values taken on the device, so that a CUDA graph can
-    record the call once and replay it every step (`AdamW.set_schedule`). Two launches:
-    scratchvit_adamw_scalars advances the int32 counter `step` (shape (1,)) to t, looks up
-    lr = learning_rates[min(t, len) - 1] (float64) and writes lr * wd (or 1 - lr * wd), 1 / sqrt(bc2)
-    and lr / bc1 into `scalars` (shape (3,), the parameters' dtype); then the update reads them."""
-    dtype = _float_dtype(data, grad, exp_avg, exp_avg_sq, scalars)
-    masked = decay_mask is not None
-    _raw("scratchvit_adamw_scalars", dtype)(
-        (1,), (1,), (step, learning_rates, _int32(learning_rates.size), numpy.float64(beta1), numpy.float64(beta2),
-                     numpy.float64(weight_decay), numpy.int32(masked), scalars))
-    if masked:
-        _float_dtype(data, decay_mask)
-        _elementwise("scratchvit_adamw_masked_scheduled")(
-            grad, decay_mask, scalars, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, data, exp_avg, exp_avg_sq)
-    else:
-        _elementwise("scratchvit_adamw_unmasked_scheduled")(
-            grad, scalars, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, data, exp_avg, exp_avg_sq)
-
+# ---------------------------------------------------------------------------------------------------
+# Gradient norm
+# ---------------------------------------------------------------------------------------------------
 
 def l2_norm(x):
-    """sqrt(sum(x * x)) as a 0-d array, one launch: `AdamW.grad_norm`'s sqrt(g . g) without cuBLAS."""
-    _float_dtype(x)
-    return _reduction("scratchvit_l2_norm")(x)
+    """sqrt(sum(x * x)) over all elements, as a 0-d array of x's dtype: `AdamW.grad_norm`'s sqrt(g . g).
+
+    Two launches of fixed size, no atomics, summing in double (see scratchvit_l2_norm_partials):
+    NORM_GRID partial sums, then one block adds them and takes the square root. The result stays on
+    the device (no host synchronisation) and is the same, bit for bit, every time for the same x."""
+    cupy = _cupy()
+    dtype = _float_dtype(x)
+    x = cupy.ascontiguousarray(x)
+    partials = cupy.empty((NORM_GRID,), dtype=cupy.float64)
+    norm = cupy.empty((), dtype=dtype)
+    _raw("scratchvit_l2_norm_partials", dtype)((NORM_GRID,), (NORM_BLOCK,), (x, numpy.int64(x.size), partials))
+    _raw("scratchvit_l2_norm_finish", dtype)((1,), (NORM_BLOCK,), (partials, norm))
+    return norm
 
 
 def _int32(value):
     """A 32-bit int kernel argument: RawKernel passes a Python int as 64 bits, the kernels take `int`."""
     if not 0 <= value < 2**31:
-        raise ValueError(f"row length {value} does not fit the kernels' 32-bit int")
+        raise ValueError(f"size {value} does not fit the kernels' 32-bit int")
     return numpy.int32(value)

@@ -16,10 +16,7 @@ their views. If a parameter's `.data` is later replaced by a new array, the next
 back into the flat buffer and makes it a view again.
 
 Learning-rate schedule: either set `optimizer.lr` before each step, or give the whole schedule once
-with `set_schedule(learning_rates)`: step t (counting from 1) then uses learning_rates[t - 1]. On the
-GPU the schedule and the step counter then live on the device and a one-thread kernel looks them up,
-so the step holds no value that changes from step to step on the host, which is what a CUDA graph
-needs to replay it (cuda_graph.py).
+with `set_schedule(learning_rates)`: step t (counting from 1) then uses learning_rates[t - 1].
 
 Parameter groups: `params` is either a list of Parameters or a list of dicts
 `{"params": [...], "weight_decay": wd}` (groups without "weight_decay" use the default), for
@@ -94,32 +91,20 @@ class AdamW:
                 self.decay_mask[start:end] = decay / self.weight_decay    # weight_decay > 0: the decays differ
         # scratch space for the CPU step, reused every step (the GPU step is one fused kernel)
         self.update = None if is_gpu_array(self.data) else xp.empty(total, dtype=dtype)
-        self.learning_rates = None     # set_schedule: the lr of every step, on the host
-        self.device_schedule = None    # set_schedule on the GPU: (learning rates, step counter, scalars) there
+        self.learning_rates = None     # set_schedule: the lr of every step
 
     def set_schedule(self, learning_rates):
         """From now on step t (counting from 1) uses learning_rates[t - 1], and the last entry after the
-        table ends; `lr` follows on the host. On the GPU the table, the step counter and the step's
-        factors are kept on the device (for CUDA graphs: see the module docstring)."""
+        table ends; `lr` follows."""
         learning_rates = [float(lr) for lr in learning_rates]
         if not learning_rates or not all(lr >= 0.0 for lr in learning_rates):
             raise ValueError("set_schedule needs a non-empty list of non-negative learning rates")
         self.learning_rates = learning_rates
-        if is_gpu_array(self.data):
-            xp = get_array_module(self.data)
-            self.device_schedule = (xp.asarray(learning_rates, dtype=xp.float64),
-                                    xp.full((1,), self.step_count, dtype=xp.int32),
-                                    xp.empty((3,), dtype=self.data.dtype))
 
     def _count_step(self):
         self.step_count += 1
         if self.learning_rates is not None:
             self.lr = self.learning_rates[min(self.step_count, len(self.learning_rates)) - 1]
-
-    def count_replayed_step(self):
-        """A CUDA graph replayed this optimiser's recorded step: advance the host's step count and lr
-        as step() would have (the device advanced its own counter)."""
-        self._count_step()
 
     def zero_grad(self):
         self.grad.fill(0)
@@ -158,12 +143,6 @@ class AdamW:
         xp = get_array_module(self.data)
         self._count_step()
         beta1, beta2 = self.betas
-        if self.device_schedule is not None:   # lr and bias corrections looked up on the device (fused.py)
-            from .fused import adamw_scheduled_step
-            learning_rates, device_step, scalars = self.device_schedule
-            adamw_scheduled_step(self.data, self.grad, self.exp_avg, self.exp_avg_sq, self.decay_mask, learning_rates,
-                                 device_step, beta1, beta2, self.eps, self.weight_decay, scalars)
-            return
         bias_correction1 = 1.0 - beta1 ** self.step_count
         bias_correction2 = 1.0 - beta2 ** self.step_count
         if is_gpu_array(self.data):          # the whole update below as one fused kernel (fused.py)
@@ -212,8 +191,6 @@ class AdamW:
         self.exp_avg_sq[...] = xp.asarray(state["exp_avg_sq"])
         self.step_count = int(state["step_count"])
         self.lr = float(state["lr"])
-        if self.device_schedule is not None:
-            self.device_schedule[1].fill(self.step_count)
 
 
 def warmup_cosine(step, *, total_steps, warmup_steps, peak_lr, final_lr=0.0):

@@ -33,10 +33,10 @@ import zlib
 from pathlib import Path
 
 from .backend import get_array_module, get_backend, host, host_generator, keep_freed_host_memory, random_generator
-from .cuda_graph import GraphedTrainStep
 from .data import DataError, atomic_write_bytes, load_mnist, normalize, random_shift
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
+from .recipes import recipe_for_device, recipe_options
 from .train_step import TrainStep
 from .vit import ViT
 
@@ -66,9 +66,20 @@ class TrainConfig:
     train_limit: int = None
     eval_batch_size: int = 500
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
-    cuda_graph: bool = False     # GPU only: record the step once as a CUDA graph and replay it (cuda_graph.py)
     resume: bool = False
     plot: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe=None, **options):
+        """A TrainConfig with recipe `recipe`'s options (recipes.py; None: the recipe of options' device)
+        and then `options`, which win over the recipe. ConfigError for an unknown recipe."""
+        if recipe is None:
+            recipe = recipe_for_device(options.get("device", cls.device))
+        try:
+            preset = recipe_options(recipe)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return cls(**dict(preset, **options))
 
     def validate(self):
         """ConfigError naming the first option that cannot work (model options are checked by build_model)."""
@@ -88,8 +99,6 @@ class TrainConfig:
             raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.cuda_graph and self.device != "gpu":
-            raise ConfigError(f"cuda_graph needs device 'gpu' (a CUDA graph records GPU work), got device {self.device!r}")
 
     def model_config(self, image_size, channels=1, num_classes=10):
         return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
@@ -364,6 +373,7 @@ def run(config, *, log=log_line, on_step=None):
     """Train (or resume) as `config` says; returns the list of per-epoch metrics dicts.
 
     `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
+    run_started = time.perf_counter()      # wall_seconds counts from here: device set-up and data loading included
     config.validate()
     backend = get_backend(config.device)
     if backend.name == "cpu":
@@ -386,8 +396,6 @@ def run(config, *, log=log_line, on_step=None):
                             for step in range(total_steps)])
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
                            threads=config.threads)
-    if config.cuda_graph:
-        train_step = GraphedTrainStep(train_step)
 
     start_epoch, start_step, random_state, history = 0, 0, None, []
     if config.resume:
@@ -404,7 +412,6 @@ def run(config, *, log=log_line, on_step=None):
         metrics_path.write_text("")
 
     model.train()
-    run_started = time.perf_counter()
     # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
     with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for epoch in range(start_epoch, config.epochs):
@@ -417,6 +424,7 @@ def run(config, *, log=log_line, on_step=None):
                                  resume_state=random_state if resuming_here else None,
                                  steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history)
             record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
+            record["wall_seconds"] = time.perf_counter() - run_started
             history.append(record)
             with open(metrics_path, "a") as file:
                 file.write(json.dumps(record) + "\n")

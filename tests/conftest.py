@@ -1,8 +1,12 @@
 """Shared fixtures: the backend every test runs on, and the Hypothesis profiles.
 
-- `backend`: every test that takes it runs on NumPy ("cpu") and, where CuPy imports and sees a GPU,
-  on CuPy ("gpu") too; otherwise the GPU cases skip with the reason. They carry the `gpu` marker,
+- `backend`: every test that takes it runs on NumPy ("cpu") and, where `get_backend("gpu")` works
+  (CuPy imports, sees a GPU, and compiles and runs its test kernels there), on CuPy ("gpu") too;
+  otherwise the GPU cases skip with get_backend's one-line reason (CuPy missing, no device, or what
+  CuPy lacks to compile kernels, such as NVRTC or the CUDA headers). They carry the `gpu` marker,
   so `pytest -m "not gpu"` deselects them. `on_gpu` does the same for a test without the fixture.
+  tests/test_fused_compiles.py needs no GPU, only CuPy and NVRTC, and decides for itself whether it
+  can run: it does not use these.
 - Hypothesis profiles: `ci` (fewer examples, used by .ci/run) and `dev` (more, the default),
   chosen by the environment variable HYPOTHESIS_PROFILE.
 """
@@ -32,8 +36,9 @@ GPU_SKIP_REASON = _gpu_skip_reason()
 
 
 def on_gpu(test):
-    """Mark a test `gpu` and skip it, with the reason, where CuPy or a CUDA device is missing
-    (test modules import it: `from conftest import on_gpu`)."""
+    """Mark a test `gpu` and skip it, with the reason, where the GPU backend cannot be used (CuPy or a
+    CUDA device missing, or CuPy unable to compile kernels; test modules import it:
+    `from conftest import on_gpu`)."""
     test = pytest.mark.skipif(GPU_SKIP_REASON is not None, reason=f"no GPU backend: {GPU_SKIP_REASON}")(test)
     return pytest.mark.gpu(test)
 

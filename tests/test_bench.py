@@ -6,6 +6,7 @@ thing (the PyTorch reference model is scratchvit's ViT, gradient for gradient) a
 import importlib.util
 import json
 import sys
+import types
 
 import numpy
 import pytest
@@ -36,6 +37,8 @@ def test_json_report_has_positive_measurements(capsys):
         assert result[field] > 0, field
     assert result["min_ms"] <= result["q1_ms"] <= result["median_ms"] <= result["q3_ms"]
     assert result["img_per_s"] == pytest.approx(4 * 1e3 / result["median_ms"])
+    assert result["images_per_second"] == result["img_per_s"]
+    assert result["used_bytes"] is None                              # the CPU figure is the traced peak only
     assert result["steps"] == len(result["times_ms"]) == 2
     assert result["parameters"] == sum(p.size for p in ViT(**TINY_CONFIG).parameters())
     assert result["memory"]["state_bytes"] > 0
@@ -66,21 +69,75 @@ def test_compare_torch_without_torch_exits_2(capsys, monkeypatch):
     assert err.count("\n") == 1 and "pip install torch" in err and "--compare-torch" in err
 
 
+def _torch_counts_gpu_launches():
+    """True where torch imports, is a CUDA build that sees the GPU, and its profiler can trace it."""
+    return bench.torch_for_launch_counting("gpu")[0] is not None
+
+
 @on_gpu
-@pytest.mark.parametrize("cuda_graph", [[], ["--cuda-graph"]])
-def test_gpu_json_report(capsys, cuda_graph):
-    """On the GPU, plain and replayed from a CUDA graph (warm-up 2: one plain step, one recording)."""
-    assert bench.main(["--steps", "3", "--warmup", "2", *TINY, "--device", "gpu", "--json", *cuda_graph]) == 0
+def test_gpu_json_report(capsys):
+    assert bench.main(["--steps", "3", "--warmup", "2", *TINY, "--device", "gpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     result = report["results"]["scratchvit"]
-    assert report["timing"]["clock"] == "CUDA events" and report["config"]["cuda_graph"] == bool(cuda_graph)
+    assert report["timing"]["clock"] == "CUDA events" and "cuda_graph" not in report["config"]
     assert result["median_ms"] > 0 and result["peak_bytes"] > 0 and result["memory"]["state_bytes"] > 0
+    assert 0 < result["used_bytes"] <= result["peak_bytes"]
+    assert result["images_per_second"] == result["img_per_s"] > 0
     assert numpy.isfinite(result["first_loss"])
+    machine = report["machine"]
+    assert machine["gpu"] and machine["cupy"] and machine["gpu_memory_bytes"] > 0
+    for key in ("cuda_driver", "cuda_runtime"):
+        major, minor = machine[key].split(".")
+        assert int(major) >= 11 and int(minor) >= 0, (key, machine[key])
+    launches = result["launches"]
+    if _torch_counts_gpu_launches():
+        # a training step runs far more kernels than a handful: forward, backward and AdamW of every layer
+        assert launches["reason"] is None and result["launches_per_step"] == launches["kernels"] > 10
+        assert launches["total"] == launches["kernels"] + launches["memcpy"] + launches["memset"]
+    else:
+        assert result["launches_per_step"] is None and launches["reason"]
 
 
-def test_cuda_graph_needs_the_gpu(capsys):
-    assert bench.main([*QUICK, *TINY, "--cuda-graph"]) == 2
-    assert "--cuda-graph needs --device gpu" in capsys.readouterr().err
+@on_gpu
+def test_profiler_counts_cupy_launches_exactly():
+    """CUPTI sees CuPy's own launches: a known sequence of one kernel, one copy and one fill, counted as such."""
+    torch, reason = bench.torch_for_launch_counting("gpu")
+    if torch is None:
+        pytest.skip(reason)
+    import cupy
+    a = cupy.arange(1024, dtype=cupy.float32)
+    b = cupy.ones(1024, dtype=cupy.float32)
+    host = numpy.empty(1024, dtype=numpy.float32)
+    stream = cupy.cuda.get_current_stream()
+
+    def step():
+        total = a + b                                                      # one elementwise kernel
+        total.get(out=host)                                                # one device-to-host copy
+        cupy.cuda.runtime.memsetAsync(b.data.ptr, 0, b.nbytes, stream.ptr)  # one fill: b = 0
+        return total
+
+    step()                                     # compiles the kernel outside the trace (and zeroes b)
+    counts = bench.profile_gpu_operations(torch, step, stream.synchronize)
+    assert counts == dict(kernels=1, memcpy=1, memset=1, total=3)
+    numpy.testing.assert_array_equal(host, numpy.arange(1024, dtype=numpy.float32))      # a + 0: the step ran
+    numpy.testing.assert_array_equal(b.get(), numpy.zeros(1024, dtype=numpy.float32))
+
+
+@on_gpu
+def test_gpu_compare_torch_report(capsys):
+    """Both libraries on the GPU: same start (first loss), both timed, both counted where torch can count."""
+    torch, reason = bench.torch_for_launch_counting("gpu")
+    if torch is None:
+        pytest.skip(reason)
+    assert bench.main(["--steps", "2", "--warmup", "1", *TINY, "--device", "gpu", "--compare-torch", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ours, theirs = report["results"]["scratchvit"], report["results"]["torch"]
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=1e-4)     # float32 on two libraries
+    assert report["ratio"] == pytest.approx(ours["median_ms"] / theirs["median_ms"])
+    assert 0 < theirs["used_bytes"] <= theirs["memory"]["allocated_peak_bytes"] <= theirs["peak_bytes"]
+    for result in (ours, theirs):
+        assert result["launches"]["reason"] is None and result["launches_per_step"] > 10, result["launches"]
+    assert report["machine"]["torch_cuda"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
@@ -115,6 +172,186 @@ def test_cuda_event_clock_times_each_step_and_waits_for_the_last_event():
 
 
 # ------------------------------------------------------------------------------------------------
+# GPU launches per step, with stand-in profiler events
+
+class FakeDeviceType:
+    """Stands for torch.autograd.DeviceType: the code reads only its `name`."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+CPU, CUDA = FakeDeviceType("CPU"), FakeDeviceType("CUDA")
+
+
+def fake_event(name, device_type, activity_type):
+    """A torch.profiler FunctionEvent as count_gpu_operations sees it; activity_type None: an older torch."""
+    event = types.SimpleNamespace(name=name, device_type=device_type)
+    if activity_type is not None:
+        event.activity_type = activity_type
+    return event
+
+
+# what one traced step looks like: libkineto's activity types and CUPTI's names
+TRACE = [("cuLaunchKernel", CPU, "cuda_driver"),
+         ("cudaLaunchKernel", CPU, "cuda_runtime"),
+         ("cudaMemcpyAsync", CPU, "cuda_runtime"),
+         ("cupy_add__float32_float32_float32", CUDA, "kernel"),
+         ("void gemmSN_NN_kernel<float, 128, 2, 4, 8, 2, 4>(...)", CUDA, "kernel"),
+         ("ampere_sgemm_32x32_sliced1x4_nn", CUDA, "kernel"),
+         ("Memcpy DtoH (Device -> Pageable)", CUDA, "gpu_memcpy"),
+         ("Memcpy HtoD (Pageable -> Device)", CUDA, "gpu_memcpy"),
+         ("Memset (Device)", CUDA, "gpu_memset"),
+         ("Stream Sync", CUDA, "cuda_sync"),                  # device_type CUDA, but not a launch
+         ("aten::add", CPU, "cpu_op")]
+
+
+def test_count_gpu_operations_by_activity_type():
+    events = [fake_event(*event) for event in TRACE]
+    assert bench.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
+    assert bench.count_gpu_operations([]) == dict(kernels=0, memcpy=0, memset=0, total=0)
+
+
+def test_count_gpu_operations_without_activity_type_uses_device_and_names():
+    events = [fake_event(name, device_type, None) for name, device_type, kind in TRACE if kind != "cuda_sync"]
+    assert bench.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
+
+
+def test_count_gpu_operations_trusts_activity_type_over_the_name():
+    events = [fake_event("Memcpy-like kernel name", CUDA, "kernel"), fake_event("my_kernel", CUDA, "gpu_memset")]
+    assert bench.count_gpu_operations(events) == dict(kernels=1, memcpy=0, memset=1, total=2)
+
+
+class FakeTorch:
+    """torch as profile_gpu_operations uses it: cuda.synchronize and profiler.profile, logging the order."""
+
+    def __init__(self, log, events):
+        self.cuda = types.SimpleNamespace(synchronize=lambda: log.append("torch.cuda.synchronize"))
+        outer = self
+
+        class Profile:
+            def __init__(self, activities):
+                log.append(f"profile {activities}")
+
+            def __enter__(self):
+                log.append("trace starts")
+                return self
+
+            def __exit__(self, *exc_info):
+                log.append("trace stops")
+
+            def events(self):
+                return outer.events
+
+        self.events = events
+        self.profiler = types.SimpleNamespace(profile=Profile, ProfilerActivity=types.SimpleNamespace(CUDA="CUDA"))
+
+
+def test_profile_gpu_operations_traces_one_step_between_waits():
+    log = []
+    torch = FakeTorch(log, [fake_event(*event) for event in TRACE])
+    counts = bench.profile_gpu_operations(torch, step=lambda: log.append("step"),
+                                          synchronize=lambda: log.append("synchronize"))
+    assert counts["total"] == 6
+    assert log == ["synchronize", "torch.cuda.synchronize", "profile ['CUDA']", "trace starts", "step",
+                   "synchronize", "trace stops"]
+
+
+def test_count_launches_reports_the_reason_instead_of_failing():
+    runner = types.SimpleNamespace(step=lambda: None, synchronize=lambda: None)
+    not_counted = dict(kernels=None, memcpy=None, memset=None, total=None)
+    assert bench.count_launches(runner, None, "why not") == dict(not_counted, reason="why not")
+    assert bench.count_launches(runner, FakeTorch([], [fake_event(*TRACE[0])]), None) == dict(
+        not_counted, reason="the profiler recorded no GPU work in the step (CUPTI not tracing?)")
+    counted = bench.count_launches(runner, FakeTorch([], [fake_event(*event) for event in TRACE]), None)
+    assert counted == dict(kernels=3, memcpy=2, memset=1, total=6, reason=None)
+
+    def failing_step():
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nsecond line")
+
+    runner.step = failing_step
+    failed = bench.count_launches(runner, FakeTorch([], []), None)
+    assert failed["kernels"] is None and failed["reason"] == (
+        "counting failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED second line")
+
+
+def torch_module(version, sees_gpu, activities):
+    """torch as torch_for_launch_counting asks it: its version, whether it sees a GPU, what its profiler traces."""
+    profiler = types.SimpleNamespace(ProfilerActivity=types.SimpleNamespace(CPU="CPU", CUDA="CUDA"),
+                                     supported_activities=lambda: set(activities))
+    return types.SimpleNamespace(__version__=version, cuda=types.SimpleNamespace(is_available=lambda: sees_gpu),
+                                 profiler=profiler)
+
+
+def test_torch_for_launch_counting_says_why_not(monkeypatch):
+    assert bench.torch_for_launch_counting("cpu") == (None, "counted on the GPU only: --device gpu")
+    torch, reason = bench.torch_for_launch_counting("gpu", torch_module("2.13.0+cpu", False, ["CPU"]))
+    assert torch is None and "torch 2.13.0+cpu sees no GPU" in reason
+    torch, reason = bench.torch_for_launch_counting("gpu", torch_module("2.13.0", True, ["CPU"]))
+    assert torch is None and "cannot trace the GPU here (no CUPTI)" in reason
+    usable = torch_module("2.13.0", True, ["CPU", "CUDA"])
+    assert bench.torch_for_launch_counting("gpu", usable) == (usable, None)
+    monkeypatch.setitem(sys.modules, "torch", None)                  # makes `import torch` fail
+    torch, reason = bench.torch_for_launch_counting("gpu")
+    assert torch is None and "torch is not installed" in reason
+
+
+def test_launches_are_na_on_the_cpu(capsys):
+    result = run_json(capsys)["results"]["scratchvit"]
+    assert result["launches_per_step"] is None
+    assert result["launches"] == dict(kernels=None, memcpy=None, memset=None, total=None,
+                                      reason="counted on the GPU only: --device gpu")
+    assert bench.main([*QUICK, *TINY]) == 0
+    assert "\nlaunches per step: n/a (counted on the GPU only: --device gpu)\n" in capsys.readouterr().out
+
+
+def fake_gpu_backend(driver_version):
+    """A Backend("gpu") whose CuPy answers the questions machine_info asks, as CuPy's runtime module does."""
+    properties = {"name": b"NVIDIA H200", "totalGlobalMem": 2 ** 37}
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda device: properties,
+                                    driverGetVersion=driver_version, runtimeGetVersion=lambda: 12060)
+    cupy = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0, compute_capability="90"), runtime=runtime))
+    return types.SimpleNamespace(name="gpu", xp=cupy)
+
+
+def test_machine_info_on_the_gpu(capsys, monkeypatch, tmp_path):
+    version_file = tmp_path / "version"
+    version_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
+                            "GCC version:  gcc version 12.3.0\n")
+    read_version_file = bench._nvidia_driver
+    monkeypatch.setattr(bench, "_nvidia_driver", lambda: read_version_file(version_file))
+    info = bench.machine_info(fake_gpu_backend(lambda: 12080))
+    assert {key: info[key] for key in ("gpu", "gpu_compute_capability", "gpu_memory_bytes", "cupy", "cuda_driver",
+                                       "cuda_runtime", "nvidia_driver")} == dict(
+        gpu="NVIDIA H200", gpu_compute_capability="90", gpu_memory_bytes=2 ** 37, cupy="14.2.0", cuda_driver="12.8",
+        cuda_runtime="12.6", nvidia_driver="550.54.15")
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    assert bench.machine_info(fake_gpu_backend(no_driver))["cuda_driver"] is None     # unreadable: None, no failure
+    report = run_json(capsys)
+    report["machine"] = info
+    assert "; NVIDIA H200, cupy 14.2.0, CUDA runtime 12.6, driver 12.8 (550.54.15)" in bench.format_table(report)
+
+
+def test_nvidia_driver_version(tmp_path):
+    assert bench._nvidia_driver(tmp_path / "missing") is None
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  "
+                                      "Release Build  (dvs-builder@U16-I3-B03-4-3)  Thu Jan 23 2025\n")
+    assert bench._nvidia_driver(tmp_path / "version") == "570.86.15"
+
+
+def test_launches_line_per_library():
+    results = {"scratchvit": dict(label="scratchvit", launches=dict(kernels=812, memcpy=3, memset=0, total=815,
+                                                                   reason=None)),
+               "torch": dict(label="torch 2.13", launches=dict(bench.NOT_COUNTED, reason="counting failed: X"))}
+    assert bench._launches_text(results) == ("launches per step: scratchvit 812 kernels (+3 memcpy, +0 memset); "
+                                             "torch 2.13 n/a (counting failed: X)")
+
+
+# ------------------------------------------------------------------------------------------------
 # the comparison with PyTorch
 
 def test_compare_torch_reports_both(capsys):
@@ -125,6 +362,8 @@ def test_compare_torch_reports_both(capsys):
     assert report["ratio"] > 0
     assert report["ratio"] == pytest.approx(ours["median_ms"] / theirs["median_ms"])
     assert theirs["median_ms"] > 0 and theirs["img_per_s"] > 0 and theirs["steps"] == 2
+    assert theirs["images_per_second"] == theirs["img_per_s"]
+    assert ours["launches_per_step"] is None and theirs["launches_per_step"] is None     # counted on the GPU only
     # same initial weights, same batch: the first step's loss agrees to float32 rounding
     assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=1e-5)
     assert report["timing"]["rounds"] == 2 and "torch" in report["machine"]

@@ -6,8 +6,11 @@ layers would call the very kernel under test) and compares on random inputs of s
 lengths below, at and above the raw kernels' block size, in float64 (tight tolerance: only rounding
 differs, from the reduction order) and float32 (looser).
 
-`test_module_imports_without_cupy` runs everywhere: the module must import, and expose its functions,
-on a machine without CuPy.
+Runs everywhere: `test_module_imports_without_cupy` (the module must import, and expose its functions,
+on a machine without CuPy), the source checks, and the NumPy half of the layer tests at the end
+(attention, Dropout.forward_add, EncoderBlock): on NumPy their results must stay bit for bit those of
+the plain steps, which are written out in this file; on CuPy the same tests hold the fused path
+against those steps run by NumPy on host copies.
 """
 import math
 import os
@@ -20,7 +23,9 @@ import pytest
 import scratchvit
 from scratchvit import fused
 from scratchvit.backend import get_backend, random_generator, to_host
-from scratchvit.layers import GELU, Dropout, LayerNorm, Parameter, SoftmaxCrossEntropy, softmax, softmax_backward
+from scratchvit.encoder_block import EncoderBlock
+from scratchvit.layers import (GELU, Dropout, LayerNorm, MultiHeadSelfAttention, Parameter, SoftmaxCrossEntropy,
+                               softmax, softmax_backward)
 from scratchvit.optim import AdamW
 
 from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
@@ -64,8 +69,8 @@ def host_and_device(gpu, array, dtype):
 # ---------------------------------------------------------------------------------------------------
 
 PUBLIC = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
-          "softmax_backward", "dropout_forward", "add_dropout", "add_dropout_forward", "cross_entropy_forward",
-          "cross_entropy_backward", "adamw_step", "adamw_scheduled_step", "l2_norm"]
+          "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout", "add_dropout_forward",
+          "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm"]
 
 
 def test_module_imports_without_cupy():
@@ -220,6 +225,88 @@ def test_softmax_takes_non_contiguous_input(gpu, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Attention: split_qkv and merge_grad_qkv
+# ---------------------------------------------------------------------------------------------------
+
+# (B, T, H, d): one element, odd sizes, T = 65 with head_dim 16, T = 197 with head_dim 64
+ATTENTION_SHAPES = [(1, 1, 1, 1), (2, 5, 3, 4), (3, 7, 5, 3), (2, 65, 4, 16), (1, 197, 3, 64)]
+
+
+def split_qkv_plain(qkv, heads, scale):
+    """attention.py's plain steps, in NumPy: (q_scaled, k, v, k^T, v^T) of a (B, T, 3D) qkv."""
+    B, T, three_D = qkv.shape
+    d = three_D // (3 * heads)
+    q, k, v = qkv.reshape(B, T, 3, heads, d).transpose(2, 0, 3, 1, 4)          # each (B, H, T, d)
+    return (q * scale, numpy.ascontiguousarray(k), numpy.ascontiguousarray(v),
+            numpy.ascontiguousarray(k.transpose(0, 1, 3, 2)), numpy.ascontiguousarray(v.transpose(0, 1, 3, 2)))
+
+
+def merge_grad_qkv_plain(grad_heads, scale):
+    """attention.py's plain steps, in NumPy: g_q *= scale, then (3, B, H, T, d) -> (B, T, 3D)."""
+    grad = grad_heads.copy()
+    grad[0] *= scale
+    _, B, H, T, d = grad.shape
+    return grad.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * d)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,d", ATTENTION_SHAPES)
+@pytest.mark.parametrize("grid_max", [None, 3])
+def test_split_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, monkeypatch):
+    """q_scaled to rounding, k, v, k^T and v^T exactly, each C-contiguous in its (B, H, T, d) or
+    (B, H, d, T) layout, qkv untouched. grid_max=3 caps the grid at 3 blocks, so that the threads'
+    grid-stride loop runs several rounds (as it does beyond 65535 blocks)."""
+    if grid_max is not None:
+        monkeypatch.setattr(fused, "_ELEMENT_GRID_MAX", grid_max)
+    rng = host_rng(16, B, T, H, d)
+    qkv_host, qkv = host_and_device(gpu, rng.standard_normal((B, T, 3 * H * d)), dtype)
+    scale = 1.0 / math.sqrt(d)
+    expected = split_qkv_plain(qkv_host, H, scale)
+    actual = fused.split_qkv(qkv, H, scale)
+    names = ("q_scaled", "k", "v", "k_t", "v_t")
+    for name, got, want in zip(names, actual, expected):
+        assert got.shape == want.shape and got.flags.c_contiguous, name
+    assert_close(actual[0], expected[0], dtype)
+    for name, got, want in zip(names[1:], actual[1:], expected[1:]):
+        numpy.testing.assert_array_equal(to_host(got), want, err_msg=name)
+    numpy.testing.assert_array_equal(to_host(qkv), qkv_host)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,d", ATTENTION_SHAPES)
+@pytest.mark.parametrize("grid_max", [None, 3])
+def test_merge_grad_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, monkeypatch):
+    """The q third (times scale) to rounding, the k and v thirds exactly, grad_heads untouched."""
+    if grid_max is not None:
+        monkeypatch.setattr(fused, "_ELEMENT_GRID_MAX", grid_max)
+    rng = host_rng(17, B, T, H, d)
+    grad_host, grad_heads = host_and_device(gpu, rng.standard_normal((3, B, H, T, d)), dtype)
+    scale = 1.0 / math.sqrt(d)
+    expected = merge_grad_qkv_plain(grad_host, scale)
+    actual = fused.merge_grad_qkv(grad_heads, scale)
+    assert actual.shape == (B, T, 3 * H * d) and actual.flags.c_contiguous
+    D = H * d
+    assert_close(actual[..., :D], expected[..., :D], dtype)
+    numpy.testing.assert_array_equal(to_host(actual[..., D:]), expected[..., D:])
+    numpy.testing.assert_array_equal(to_host(grad_heads), grad_host)
+
+
+@on_gpu
+def test_split_and_merge_reject_bad_shapes(gpu):
+    xp = gpu.xp
+    with pytest.raises(ValueError):
+        fused.split_qkv(xp.ones((2, 3, 10)), 4, 0.5)                 # 10 is not 3 * heads * head_dim
+    with pytest.raises(ValueError):
+        fused.split_qkv(xp.ones((2, 12)), 2, 0.5)                    # not (B, T, 3D)
+    with pytest.raises(ValueError):
+        fused.merge_grad_qkv(xp.ones((2, 1, 2, 3, 4)), 0.5)          # not (3, B, H, T, d)
+    with pytest.raises(TypeError):
+        fused.split_qkv(xp.ones((2, 3, 12), dtype=xp.float16), 2, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dropout and the residual add
 # ---------------------------------------------------------------------------------------------------
 
@@ -281,6 +368,34 @@ def test_residual_add_with_dropout(gpu, dtype, p):
     mask_plain = (to_host(u) >= p).astype(dtype) * (1.0 / (1.0 - p))
     numpy.testing.assert_array_equal(to_host(mask_fused), mask_plain)
     assert_close(y, to_host(x) + to_host(h) * mask_plain, dtype)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape", [(3, 65, 48), (2, 7, 5)])
+def test_dropout_forward_add_matches_plain_formula(gpu, dtype, p, shape):
+    """Dropout.forward_add on the GPU (fused.add_dropout_forward): the mask (u >= p) / (1 - p) from the
+    uniforms the layer's generator draws next, as Dropout.forward draws them, and y = residual + x * mask,
+    against NumPy on host copies; backward multiplies by that mask; with the mask fixed, the next call
+    reuses it (fused.add_dropout)."""
+    rng = host_rng(18, int(p * 10), len(shape))
+    x_host, x = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    residual_host, residual = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    u = to_host(random_generator(gpu.xp, 123).random(shape, dtype=dtype))
+    mask_plain = (u >= p).astype(dtype) * (1.0 / (1.0 - p))             # Dropout.forward's formula
+    layer = Dropout(p, seed=123)
+    y = layer.forward_add(x, residual)
+    numpy.testing.assert_array_equal(to_host(layer.mask), mask_plain)
+    assert_close(y, residual_host + x_host * mask_plain, dtype)
+    numpy.testing.assert_array_equal(to_host(x), x_host)
+    numpy.testing.assert_array_equal(to_host(residual), residual_host)
+    numpy.testing.assert_array_equal(to_host(layer.backward(residual)), residual_host * mask_plain)
+    numpy.testing.assert_array_equal(to_host(Dropout(p, seed=123).forward(x)), x_host * mask_plain)  # same draw
+    layer.fix_mask()
+    x2_host, x2 = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    assert_close(layer.forward_add(x2, residual), residual_host + x2_host * mask_plain, dtype)
+    numpy.testing.assert_array_equal(to_host(layer.mask), mask_plain)
 
 
 @on_gpu
@@ -394,28 +509,179 @@ def test_adamw_kernel_matches_plain_step(gpu, dtype, grouped, weight_decay):
     assert_close(fused_opt.parameters[0].data, plain.parameters[0].data, dtype, factor=10)
 
 
-@on_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grouped,weight_decay", [(False, 0.1), (True, 0.1)])
-def test_scheduled_adamw_kernels_match_plain_step(gpu, dtype, grouped, weight_decay):
-    """set_schedule on the GPU: the step counter, the lr look-up and the bias corrections on the device
-    (scratchvit_adamw_scalars), then the update reading them; against the plain step given each lr by
-    hand, past the end of the table too."""
-    plain, scheduled = _twin_optimizers(gpu, dtype, grouped, weight_decay)
-    schedule = [1e-2, 3e-2, 5e-3]
-    scheduled.set_schedule(schedule)
-    rng = host_rng(14)
-    for step in range(5):
-        plain.lr = schedule[min(step, len(schedule) - 1)]
-        _step_both(plain, scheduled, gpu, rng.standard_normal(plain.grad.shape), dtype)
-        assert int(scheduled.device_schedule[1][0]) == step + 1 == scheduled.step_count
+# ---------------------------------------------------------------------------------------------------
+# Gradient norm
+# ---------------------------------------------------------------------------------------------------
+
+NORM_THREADS = fused.NORM_GRID * fused.NORM_BLOCK
+# empty, tiny, around one block, around the grid, several grid-stride rounds
+NORM_SIZES = [0, 1, 7, fused.NORM_BLOCK - 1, fused.NORM_BLOCK, fused.NORM_BLOCK + 1, fused.NORM_GRID + 3,
+              NORM_THREADS - 1, NORM_THREADS, NORM_THREADS + 1, 3 * NORM_THREADS + 77]
+
+
+def l2_norm_in_float64(x_host):
+    """sqrt(x . x) computed in float64 from the exact (float32 or float64) values, rounded to x's dtype."""
+    x64 = x_host.astype(numpy.float64).ravel()
+    return numpy.asarray(numpy.sqrt(numpy.dot(x64, x64))).astype(x_host.dtype)
 
 
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [1, 1000, 100_003])
+@pytest.mark.parametrize("size", NORM_SIZES)
 def test_l2_norm_matches_plain(gpu, dtype, size):
+    """A 0-d device array of x's dtype, against AdamW.grad_norm's plain sqrt(g . g) in NumPy on host
+    copies; in float32 also within one float32 rounding of the float64 norm (the kernel sums in double,
+    the plain float32 dot does not); the same bits on a second call."""
     x_host, x = host_and_device(gpu, host_rng(15, size).standard_normal(size), dtype)
     norm = fused.l2_norm(x)
-    assert norm.shape == ()
-    assert_close(norm, numpy.sqrt(numpy.dot(x_host, x_host)), dtype)
+    assert norm.shape == () and norm.dtype == numpy.dtype(dtype) and isinstance(norm, gpu.xp.ndarray)
+    assert_close(norm, numpy.sqrt(numpy.dot(x_host, x_host)), dtype, factor=10 if dtype == "float32" else 1)
+    if dtype == "float32":
+        x64 = x_host.astype(numpy.float64)
+        reference = math.sqrt(float(numpy.dot(x64, x64)))
+        assert abs(float(norm) - reference) <= 2 * numpy.finfo(numpy.float32).eps * reference
+    numpy.testing.assert_array_equal(to_host(fused.l2_norm(x)), to_host(norm))
+    numpy.testing.assert_array_equal(to_host(x), x_host)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_norm_of_any_shape_and_layout(gpu, dtype):
+    x_host = host_rng(24).standard_normal((300, 7)).astype(dtype)
+    x = gpu.asarray(x_host).T                                              # (7, 300), not contiguous
+    assert_close(fused.l2_norm(x), l2_norm_in_float64(x_host), dtype)
+
+
+@on_gpu
+@pytest.mark.parametrize("magnitude", [1e20, 1e-20])
+def test_l2_norm_float32_squares_neither_overflow_nor_underflow(gpu, magnitude):
+    """Elements of 1e20 (float32 squares overflow to inf) and 1e-20 (float32 squares fall below the
+    normal range and flush to zero on the GPU): the double sums give the true norm, in float32."""
+    x_host = (host_rng(25).standard_normal(5000) * magnitude).astype(numpy.float32)
+    norm = fused.l2_norm(gpu.asarray(x_host))
+    assert numpy.isfinite(float(norm)) and float(norm) > 0
+    assert_close(norm, l2_norm_in_float64(x_host), "float32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layers that call the kernels: unchanged on NumPy, the same results on CuPy
+# ---------------------------------------------------------------------------------------------------
+
+def on_backend(backend, layer):
+    for parameter in layer.parameters():
+        parameter.data = backend.asarray(parameter.data)
+    return layer
+
+
+def attention_plain_steps(layer, x, grad_out):
+    """MultiHeadSelfAttention's forward and backward as plain array operations, the steps attention.py
+    takes on NumPy (and took on CuPy before split_qkv and merge_grad_qkv), on a NumPy layer: (out, grad_x)."""
+    B, T, D = x.shape
+    H, d = layer.heads, layer.head_dim
+    qkv = layer.qkv.forward(x).reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)     # (3, B, H, T, d)
+    q_scaled = qkv[0] * layer.scale
+    k, v = numpy.ascontiguousarray(qkv[1]), numpy.ascontiguousarray(qkv[2])
+    attn = softmax(q_scaled @ numpy.ascontiguousarray(k.transpose(0, 1, 3, 2)), overwrite=True)
+    v_transposed = numpy.ascontiguousarray(v.transpose(0, 1, 3, 2))
+    out = layer.proj.forward((attn @ v).transpose(0, 2, 1, 3).reshape(B, T, D))
+    grad_context = layer.proj.backward(grad_out).reshape(B, T, H, d).transpose(0, 2, 1, 3)
+    grad_qkv = numpy.empty((3, B, H, T, d), dtype=grad_out.dtype)
+    grad_attn = grad_context @ v_transposed
+    numpy.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])
+    grad_scores = softmax_backward(attn, grad_attn, overwrite=True)
+    numpy.matmul(grad_scores, k, out=grad_qkv[0])
+    grad_qkv[0] *= layer.scale
+    numpy.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])
+    return out, layer.qkv.backward(grad_qkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * D))
+
+
+def assert_same_results(backend, pairs, dtype):
+    """Bit for bit on NumPy (the same operations); to rounding on CuPy (other kernels, cuBLAS)."""
+    for name, actual, expected in pairs:
+        if backend.name == "cpu":
+            numpy.testing.assert_array_equal(actual, expected, err_msg=name)
+        else:
+            assert_close(actual, expected, dtype, factor=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,dim,heads", [(2, 5, 12, 3), (1, 17, 32, 4), (3, 9, 8, 1)])
+def test_attention_matches_its_plain_steps(backend, dtype, B, T, dim, heads):
+    """Output, input gradient and the four parameter gradients of MultiHeadSelfAttention against its
+    plain steps run by NumPy on host copies (a twin layer with the same weights)."""
+    rng = host_rng(19, B, T, dim, heads)
+    x_host = rng.standard_normal((B, T, dim)).astype(dtype)
+    grad_host = rng.standard_normal((B, T, dim)).astype(dtype)
+    layer = on_backend(backend, MultiHeadSelfAttention(dim, heads, dtype=dtype, rng=host_rng(20)))
+    plain = MultiHeadSelfAttention(dim, heads, dtype=dtype, rng=host_rng(20))
+    out = layer.forward(backend.asarray(x_host))
+    grad_x = layer.backward(backend.asarray(grad_host))
+    out_plain, grad_x_plain = attention_plain_steps(plain, x_host, grad_host)
+    pairs = [("out", to_host(out), out_plain), ("grad_x", to_host(grad_x), grad_x_plain)]
+    pairs += [(name, to_host(parameter.grad), twin.grad)
+              for (name, parameter), twin in zip(layer.named_parameters(), plain.parameters())]
+    assert_same_results(backend, pairs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p,training", [(0.0, True), (0.3, True), (0.3, False)])
+def test_dropout_forward_add_is_forward_plus_residual(backend, dtype, p, training):
+    """residual + Dropout.forward(x): the mask a twin layer of the same seed draws in forward, kept for
+    backward; on NumPy bit for bit the plain add, on CuPy the fused one against NumPy on host copies."""
+    shape = (4, 7, 9)
+    rng = host_rng(23, int(p * 10))
+    x_host, residual_host, grad_host = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    layer, twin = Dropout(p, seed=7).train(training), Dropout(p, seed=7).train(training)
+    y = layer.forward_add(backend.asarray(x_host), backend.asarray(residual_host))
+    twin.forward(backend.asarray(x_host))
+    mask = to_host(twin.mask) if twin.active() else numpy.ones(shape, dtype=dtype)
+    if twin.active():
+        numpy.testing.assert_array_equal(to_host(layer.mask), mask)
+    assert_same_results(backend, [("y", to_host(y), residual_host + x_host * mask),
+                                  ("grad", to_host(layer.backward(backend.asarray(grad_host))), grad_host * mask)],
+                        dtype)
+
+
+def encoder_block_plain_steps(block, x, grad_out):
+    """EncoderBlock's forward as plain steps (each dropout's forward, then an add in place), the steps
+    encoder_block.py takes on NumPy (and took on CuPy before Dropout.forward_add), and its backward."""
+    h = block.attn_dropout.forward(block.attn.forward(block.attn_norm.forward(x)))
+    h += x
+    x = h
+    h = block.gelu.forward(block.fc1.forward(block.mlp_norm.forward(x)))
+    h = block.mlp_dropout.forward(block.fc2.forward(block.hidden_dropout.forward(h)))
+    h += x
+    return h, block.backward(grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout,training", [(0.0, True), (0.2, True), (0.2, False)])
+def test_encoder_block_matches_its_plain_steps(backend, dtype, dropout, training):
+    """Output, input gradient and every parameter gradient of an EncoderBlock against its plain steps
+    run by NumPy on a twin block (same weights, same dropout seeds). On CuPy the masks come from
+    CuPy's generator, so the twin is given them (fix_mask); on NumPy it draws its own, the same."""
+    B, T, dim, heads, mlp_dim = 2, 9, 16, 2, 24
+    rng = host_rng(21, int(dropout * 10), int(training))
+    x_host, grad_host = (rng.standard_normal((B, T, dim)).astype(dtype) for _ in range(2))
+
+    def build():
+        return EncoderBlock(dim, heads, mlp_dim, dropout=dropout, dtype=dtype, rng=host_rng(22),
+                            dropout_seeds=(3, 4, 5)).train(training)
+
+    block, plain = on_backend(backend, build()), build()
+    out = block.forward(backend.asarray(x_host))
+    grad_x = block.backward(backend.asarray(grad_host))
+    dropouts = [(block.attn_dropout, plain.attn_dropout), (block.hidden_dropout, plain.hidden_dropout),
+                (block.mlp_dropout, plain.mlp_dropout)]
+    for mine, twin in dropouts:
+        assert (mine.mask is not None) == (dropout > 0 and training)
+        if backend.name == "gpu" and mine.mask is not None:
+            twin.mask = to_host(mine.mask)
+            twin.fix_mask()
+    out_plain, grad_x_plain = encoder_block_plain_steps(plain, x_host, grad_host)
+    pairs = [("out", to_host(out), out_plain), ("grad_x", to_host(grad_x), grad_x_plain)]
+    pairs += [(name, to_host(parameter.grad), twin.grad)
+              for (name, parameter), twin in zip(block.named_parameters(), plain.parameters())]
+    pairs += [(f"mask {index}", to_host(mine.mask), twin.mask)
+              for index, (mine, twin) in enumerate(dropouts) if mine.mask is not None]
+    assert_same_results(backend, pairs, dtype)

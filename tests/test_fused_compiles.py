@@ -7,17 +7,19 @@ check that the kernels compile. This file is not marked `gpu`. It skips where Cu
 
 What is compiled: each kernel, for T = float and T = double, for sm_90 (H100), with the options
 fused.py gives it (`_COMPILE_OPTIONS`). The kernel objects come from fused.py's own builders
-(`_raw`, `_elementwise`, `_reduction`), so new entries in the registries are covered automatically:
+(`_raw`, `_elementwise`), so new entries in the registries are covered automatically:
 - `_RAW_SOURCES`: the RawKernel's source, compiled the way RawKernel compiles it on first launch.
 - `_ELEMENTWISE_SOURCES`: CuPy wraps the operation in a full kernel at call time, with parameter
   declarations that depend on the arguments. The source here comes from CuPy's own generator
   (`_get_elementwise_kernel_code`, the one `__call__` uses), given a description of the arguments:
   outputs and `raw` inputs as contiguous 1-D arrays. Every other input appears once as an array
   and once as a scalar, the two forms CuPy emits depending on what the caller passes.
-- `_REDUCTION_SOURCES` (if fused.py has it): CuPy's plain reduction kernel
-  (`_ReductionKernel_get_cached_function_code`) for a full reduction of a contiguous 1-D array.
-  Not covered: the CUB kernel that CuPy uses instead for such reductions when it finds nvcc
-  (cupy/_core/_cub_reduction.pyx). It is generated inside Cython-only code, so it can't be rebuilt here.
+Those are the only two kinds fused.py uses. It has no cupy.ReductionKernel: CuPy runs a full
+reduction of 128 or more elements through CUB kernels that it generates and compiles (with NVRTC)
+inside Cython-only code (cupy/_core/_cub_reduction.pyx), which this file could not rebuild.
+
+Two more checks: that CuPy hands NVRTC fused.py's --fmad=false together with its own -ftz=true (the
+arithmetic fused.py's docstring describes), and that a kernel with an error does fail here.
 
 How, without a device: CuPy asks the device only two things. It asks for the architecture, and
 the fixture answers sm_90. It asks the device to load the compiled module, and the fixture keeps
@@ -41,7 +43,7 @@ except Exception as error:  # no CuPy (the CI machine), or CuPy without an NVRTC
     pytest.skip(f"needs CuPy and NVRTC: {type(error).__name__}: {error}", allow_module_level=True)
 
 try:
-    from cupy._core import _carray, _kernel, _reduction, _scalar, core
+    from cupy._core import _carray, _kernel, _scalar, core
     from cupy.cuda import compiler, function
 except ImportError as error:  # CuPy's internals moved: this file needs updating for this CuPy
     pytest.skip(f"written against CuPy 14.2's internals, this CuPy {cupy.__version__} differs: {error}",
@@ -72,9 +74,8 @@ def nvrtc_only():
         # fused's builders get CuPy through _cupy(), which checks for a device: hand them CuPy, and
         # empty caches so that no kernel object built here outlives the test.
         patch.setattr(fused, "_cupy_module", cupy)
-        for cache in ("_raw_kernels", "_elementwise_kernels", "_reduction_kernels"):
-            if hasattr(fused, cache):
-                patch.setattr(fused, cache, {})
+        for cache in ("_raw_kernels", "_elementwise_kernels"):
+            patch.setattr(fused, cache, {})
         yield
 
 
@@ -121,7 +122,13 @@ def test_raw_kernel_compiles(nvrtc_only, name, dtype):
 @pytest.mark.parametrize("name", sorted(fused._ELEMENTWISE_SOURCES))
 def test_elementwise_kernel_compiles(nvrtc_only, name, dtype, inputs_as):
     kernel = fused._elementwise(name)
-    dtype = numpy.dtype(dtype)
+    # What ElementwiseKernel does with that source (_get_simple_elementwise_kernel_from_code).
+    _compile(_elementwise_source(kernel, numpy.dtype(dtype), inputs_as), kernel.kwargs.get("options", ()))
+
+
+def _elementwise_source(kernel, dtype, inputs_as):
+    """The full CUDA source CuPy generates for `kernel` called on contiguous 1-D arrays of `dtype`
+    (inputs not declared `raw` passed as scalars if inputs_as == "scalars")."""
     inputs = tuple(_scalar_value(_dtype_of(p, dtype)) if inputs_as == "scalars" and not p.raw
                    else _array(_dtype_of(p, dtype)) for p in kernel.in_params)
     outputs = tuple(_array(_dtype_of(p, dtype)) for p in kernel.out_params)
@@ -133,27 +140,47 @@ def test_elementwise_kernel_compiles(nvrtc_only, name, dtype, inputs_as):
         inputs + outputs + (_indexer(1),), type_map, kernel.params, kernel.operation, kernel.name,
         kernel.preamble, **kernel.kwargs)
     assert "CArray<" in source and "CIndexer<1" in source, "CuPy's _ArgKind numbering changed"
-    # What ElementwiseKernel does with that source (_get_simple_elementwise_kernel_from_code).
-    _compile(source, kernel.kwargs.get("options", ()))
+    return source
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(getattr(fused, "_REDUCTION_SOURCES", {})))
-def test_reduction_kernel_compiles(nvrtc_only, name, dtype):
-    kernel = fused._reduction(name)
-    dtype = numpy.dtype(dtype)
-    # A full reduction, as ReductionKernel._call sets it up without CUB: 1-D inputs, 0-d outputs,
-    # the input and output indexers, the int32 block stride, and IndexT = int32 (< 2**31 elements).
-    inputs = tuple(_array(_dtype_of(p, dtype)) for p in kernel.in_params)
-    outputs = tuple(_array(_dtype_of(p, dtype), ndim=0) for p in kernel.out_params)
-    _, _, type_map = _kernel._decide_params_type(
-        kernel.in_params, kernel.out_params, tuple(arg.dtype for arg in inputs), ())
-    type_map = _kernel._TypeMap(type_map._pairs + (("IndexT", numpy.int32),))
-    arginfos = inputs + outputs + (_indexer(1), _indexer(0), _scalar_value(numpy.dtype(numpy.int32)))
-    block_size = 512   # CuPy's default on CUDA; it only sizes a shared array
-    source = _reduction._ReductionKernel_get_cached_function_code(
-        kernel.nin, kernel.nout, kernel._params, arginfos, type_map, kernel.name, block_size,
-        kernel.reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr,
-        kernel.preamble, kernel.options)
-    # What ReductionKernel does with that source (_create_reduction_function_from_code).
-    _compile(source, kernel.options)
+def test_every_raw_kernel_source_is_compiled_above():
+    """The parametrisation above is the registry itself; fused.py builds every RawKernel from it."""
+    names = set(fused._RAW_SOURCES)
+    assert {"scratchvit_split_qkv", "scratchvit_merge_grad_qkv", "scratchvit_l2_norm_partials",
+            "scratchvit_l2_norm_finish"} <= names
+    assert not hasattr(fused, "_REDUCTION_SOURCES") and not hasattr(fused, "_reduction")
+
+
+def test_nvrtc_gets_fmad_false_and_ftz_true(nvrtc_only, monkeypatch):
+    """The options NVRTC receives for a fused kernel: fused.py's --fmad=false is kept and CuPy adds
+    -ftz=true (cupy/cuda/compiler.py, _compile_with_cache_cuda), as fused.py's docstring says."""
+    seen = []
+    compile_with_nvrtc = compiler._compile_using_nvrtc_no_warning
+
+    def record(source, options=(), *args, **kwargs):
+        seen.append(tuple(options))
+        return compile_with_nvrtc(source, options, *args, **kwargs)
+
+    monkeypatch.setattr(compiler, "_compile_using_nvrtc_no_warning", record)
+    kernel = fused._raw("scratchvit_split_qkv", numpy.dtype("float32"))
+    _compile(kernel.code, kernel.options, prepend_cupy_headers=False, backend=kernel.backend)
+    assert seen, "CuPy no longer compiles through _compile_using_nvrtc_no_warning: update this test"
+    assert "--fmad=false" in seen[-1] and "-ftz=true" in seen[-1], seen[-1]
+
+
+@pytest.mark.parametrize("name", ["scratchvit_l2_norm_partials", "scratchvit_split_qkv"])
+def test_a_broken_raw_kernel_fails_to_compile(nvrtc_only, name):
+    """The checks above are not vacuous: the same kernel with one member misspelt fails, with NVRTC's log."""
+    kernel = fused._raw(name, numpy.dtype("float64"))
+    broken = kernel.code.replace("blockIdx.x", "blockIdx.x_", 1)
+    assert broken != kernel.code
+    with pytest.raises(pytest.fail.Exception, match='has no member "x_"'):
+        _compile(broken, kernel.options, prepend_cupy_headers=False, backend=kernel.backend)
+
+
+def test_a_broken_elementwise_kernel_fails_to_compile(nvrtc_only):
+    in_params, out_params, operation = fused._ELEMENTWISE_SOURCES["scratchvit_add_dropout_forward"]
+    broken = cupy.ElementwiseKernel(in_params, out_params, operation.replace("scale", "scael", 1),
+                                    "scratchvit_add_dropout_forward", options=fused._COMPILE_OPTIONS)
+    with pytest.raises(pytest.fail.Exception, match='identifier "scael" is undefined'):
+        _compile(_elementwise_source(broken, numpy.dtype("float32"), "arrays"), fused._COMPILE_OPTIONS)

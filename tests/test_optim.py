@@ -292,8 +292,7 @@ def test_state_dict_round_trip_continues_identically(backend):
 @pytest.mark.parametrize("grouping", ["uniform decay", "two groups"])
 def test_schedule_gives_step_t_the_learning_rate_at_t_minus_1(backend, grouping):
     """set_schedule: step t uses learning_rates[t - 1], the last entry past the end, and `lr` follows;
-    the same as setting lr by hand before each step (on the GPU the look-up and the bias corrections
-    happen in a kernel on the device)."""
+    the same as setting lr by hand before each step."""
     schedule = [0.02, 0.05, 0.01, 0.003]
     rng = numpy.random.default_rng(9)
     grads = [[rng.standard_normal(shape) for shape in SHAPES] for _ in range(6)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy
 import pytest
 
+from conftest import GPU_SKIP_REASON
 from scratchvit.data import MNIST_FILES, write_idx
 from scratchvit.data import atomic_write_bytes as atomic_write
 from scratchvit.train import (NonFiniteLoss, TrainConfig, evaluate_checkpoint, load_checkpoint,
@@ -157,6 +158,10 @@ def test_training_learns_the_synthetic_task_and_writes_metrics_and_checkpoint(da
         assert record["lr"] >= 0 and record["seconds"] >= 0
     assert losses_and_accuracies(metrics) == losses_and_accuracies(history)
     assert all(0 < record["lr"] <= config.lr for record in metrics[:-1])
+    # wall_seconds: since run() began, so it includes data loading and grows with every epoch's seconds
+    walls = [record["wall_seconds"] for record in metrics]
+    assert all(wall >= record["elapsed"] for wall, record in zip(walls, metrics))
+    assert all(later - earlier >= record["seconds"] for earlier, later, record in zip(walls, walls[1:], metrics[1:]))
 
     checkpoint = out_dir / "checkpoint.npz"
     assert checkpoint.is_file()
@@ -402,11 +407,15 @@ def test_cli_bad_numeric_options_are_exit_2(small_dataset, tmp_path, options, fr
     assert_one_line_error(result, 2, fragment)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
-def test_cli_gpu_without_cupy_says_what_to_install(small_dataset, tmp_path):
+@pytest.mark.skipif(GPU_SKIP_REASON is None, reason="the GPU backend works here")
+def test_cli_gpu_without_a_usable_gpu_says_why_in_one_line(small_dataset, tmp_path):
+    """No CuPy: what to install. CuPy without a device or without NVRTC (as in CI): the backend's reason."""
     result = cli("--device", "gpu", "--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 1,
                  *TINY_MODEL_ARGS)
-    assert_one_line_error(result, 2, "cupy", "pip install")
+    if importlib.util.find_spec("cupy") is None:
+        assert_one_line_error(result, 2, "cupy", "pip install")
+    else:
+        assert_one_line_error(result, 2, GPU_SKIP_REASON.split(" (")[0])
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

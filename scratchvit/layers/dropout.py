@@ -12,6 +12,11 @@ Backward: y is linear in x with the fixed coefficients `mask`, so
 Random state: the generator lives on the input's device (NumPy or CuPy), seeded by `seed`, and is
 created at the first forward. For gradient checks, `fix_mask()` makes later forwards reuse the
 current mask, so the function being differentiated stays the same; `release_mask()` undoes it.
+
+`forward_add(x, residual)` is `residual + forward(x)`, the residual add that follows a branch's
+dropout in a Transformer block: the same mask, drawn the same way and kept for the same backward
+(d/dx = mask, d/dresidual = 1, which the caller adds). On the GPU mask and sum come from one fused
+launch (plus the uniform draw) instead of forward's launch and an add.
 """
 from .layer import Layer
 from ..backend import get_array_module, is_gpu_array, random_generator
@@ -43,13 +48,20 @@ class Dropout(Layer):
     def active(self):
         return self.training and self.p > 0.0
 
+    def _needs_new_mask(self, x):
+        """Whether a forward on x draws a new mask (else it reuses the fixed one); if so, makes sure the
+        generator lives on x's device."""
+        if self.mask_fixed and self.mask is not None and self.mask.shape == x.shape:
+            return False
+        xp = get_array_module(x)
+        if self.generator_xp is not xp:
+            self.reseed(xp, self.seed)
+        return True
+
     def forward(self, x):
         if not self.active():
             return x
-        if not (self.mask_fixed and self.mask is not None and self.mask.shape == x.shape):
-            xp = get_array_module(x)
-            if self.generator_xp is not xp:
-                self.reseed(xp, self.seed)
+        if self._needs_new_mask(x):
             if is_gpu_array(x):              # mask and output in one fused kernel (fused.py)
                 from ..fused import dropout_forward
                 y, self.mask = dropout_forward(x, self.p, self.generator)
@@ -57,6 +69,16 @@ class Dropout(Layer):
             keep = self.generator.random(x.shape, dtype=x.dtype) >= self.p
             self.mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
         return x * self.mask
+
+    def forward_add(self, x, residual):
+        """residual + forward(x) as a new array, the mask drawn (or reused) exactly as forward does."""
+        if not (self.active() and is_gpu_array(x)):
+            return residual + self.forward(x)
+        from ..fused import add_dropout, add_dropout_forward
+        if self._needs_new_mask(x):          # the very draw of dropout_forward: same generator, same mask
+            y, self.mask = add_dropout_forward(residual, x, self.p, self.generator)
+            return y
+        return add_dropout(residual, x, self.mask)
 
     def backward(self, grad_out):
         if not self.active():

@@ -1,0 +1,818 @@
+"""The GPU acceptance run: the one command that shows scratchvit's GPU path works on a real GPU (issue 8).
+
+    python -m scratchvit.gpu_acceptance --data-dir DIR [--out-dir runs/gpu-acceptance] [--dry-run]
+
+DIR holds MNIST's four IDX files (train-images-idx3-ubyte, ..., each may be .gz). Run it from the
+repository with `PYTHONPATH=.`; it needs CuPy and a CUDA device, and uses PyTorch where it imports.
+
+What runs. Each stage is its own Python process (`sys.executable`), started in the repository, with
+its own timeout. Its stdout and stderr go to OUT/logs/NN-STAGE.log, with the command on the first
+line. A stage that crashes, fails or times out is recorded as such ("failed", "timed out"), with the last
+lines of its log, and the next stage runs anyway. So a broken CuPy gives a failed stage, and the script
+itself never crashes.
+1. machine: GPU name and memory, NVIDIA driver, CUDA runtime and the CUDA the driver supports, and the
+   CuPy, NumPy and PyTorch versions. It also runs scratchvit's own GPU backend check, which compiles and
+   runs a kernel.
+2. gpu-tests: `python -m pytest -q -m gpu -rsfE` with HYPOTHESIS_PROFILE=ci: every test that runs on
+   CuPy. Passing needs pytest to exit 0, at least one test to pass, and no test to skip for want of a GPU:
+   a run whose GPU tests all skipped proved nothing.
+3. compile-tests: `python -m pytest -q -rsfE tests/test_fused_compiles.py`: every fused kernel through
+   NVRTC, judged the same way.
+4. equivalence: `python -m scratchvit.equivalence --json`. The same 10 training steps on the CPU and the
+   GPU, in float64 and float32, from identical weights and batches. Every loss, parameter and the final
+   logits must agree within the tolerances in scratchvit/equivalence.py.
+5. bench-512, bench-2048: `python -m scratchvit.bench --device gpu --batch-size N --compare-torch --json`.
+   One training step timed with CUDA events, against the same ViT in PyTorch eager. Where torch
+   does not import, scratchvit is timed alone and the stage fails, saying so.
+6. train: `python train_mnist.py --device gpu --data-dir DIR --out-dir OUT/train`, with the GPU recipe
+   (scratchvit/recipes.py). The figures come from OUT/train/metrics.jsonl. Reaching 99% test accuracy is
+   reported and not required: the stage passes if training ran and recorded its epochs.
+
+How long it takes. On one H200 this should take under 8 minutes (it has not run on one yet). Each
+stage has a timeout (STAGE_LIMITS). The stages also share a budget of 450 s (--budget). A stage's
+timeout is cut where needed so that every later stage keeps its minimum, so the run ends within the
+budget even when a stage hangs. --timeout-scale F multiplies every timeout, minimum and the budget, for
+a slower machine. The dry run takes 10 to 30 s on a 2-core CPU: pytest collecting the suite, NVRTC
+compiling the kernels where CuPy is installed (compile-tests needs no GPU), PyTorch being imported.
+
+What it writes, under OUT (default runs/gpu-acceptance):
+    logs/NN-STAGE.log   each stage's stdout and stderr (a stage that timed out ends with a line saying so)
+    train/              the training run: metrics.jsonl (one line per epoch), checkpoint.npz
+    summary.json        every stage: command, status, exit status, seconds, timeout, figures, problems,
+                        and the end of its log where it failed. Rewritten after every stage, so an
+                        interrupted run still leaves one
+    summary.md          the same for a person: the table, then each failure with the end of its log
+
+How to read the table, printed last (summary.md has the same):
+- status: passed, failed (exit status or judgement, the reason is printed above the table) or timed out.
+- machine: what ran it. gpu-tests and compile-tests: pytest's counts; "no GPU" counts the skips for
+  want of a GPU.
+- equivalence: per dtype, the largest relative error of the losses, the parameters and the logits,
+  each against its tolerance: "ok" when all are within it.
+- bench-N: images per second for scratchvit and PyTorch at batch N, the ratio of their median ms per
+  step (scratchvit / torch: below 1 means scratchvit is faster), the GPU operations (kernels, memcpy,
+  memset) one step launches in each, and the peak bytes scratchvit's CuPy memory pool held.
+- train: the first epoch with test accuracy >= 99% and the seconds from the start of training to the
+  end of that epoch (data loading and evaluation included), the final accuracy, and the training
+  process's own wall time (Python start-up and imports included).
+- the last line: PASSED or FAILED, and the exit status.
+"n/a" marks a figure the stage did not report.
+
+--dry-run runs every stage on the CPU, at tiny sizes, so that this command can be tested on any machine
+(tests/test_gpu_acceptance.py does). CUDA_VISIBLE_DEVICES is set empty for its stages, so a GPU is not used
+even where one is present. Stage by stage: the machine report of the CPU; the same two pytest runs, whose GPU
+tests then skip (which is fine here); equivalence CPU against CPU (`--devices cpu cpu --small --steps 3`);
+the benchmark on the CPU with a tiny model at batches 16 and 32 (--compare-torch only where torch
+imports); one epoch of the GPU recipe on 512 training images with a tiny model.
+The nested pytest runs the whole `-m gpu` selection even in the dry run. It costs 5 to 10 s here, most
+of it collection, which the test can afford.
+
+Exit status: 0 when every stage passed; 1 when one failed or timed out; 2 for a bad option or a data
+folder without the four files (reported in one line before anything runs); 130 after Ctrl-C or SIGTERM
+(the running stage is stopped, and the summary of the stages before it is written).
+"""
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .data import MNIST_FILES, file_list
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "train_mnist.py"
+
+BUDGET_S = 450                  # all stages together, on an H200: 7.5 of the 8 minutes this command may take
+BENCH_BATCHES = (512, 2048)
+DRY_RUN_BENCH_BATCHES = (16, 32)
+TARGET_ACCURACY = 0.99
+TAIL_LINES = 25                 # lines of a failed stage's log shown and kept in the summary
+STOP_GRACE_S = 5                # after SIGTERM, seconds before SIGKILL
+
+# name: (timeout, minimum) in seconds on an H200. The minimum is kept free for a stage while earlier stages
+# run (`stage_timeout`). The minimums add up to 385 s, within BUDGET_S; the timeouts add up to more, so
+# that a stage may use what quicker stages left.
+STAGE_LIMITS = {
+    "machine": (60, 20),
+    "gpu-tests": (180, 90),
+    "compile-tests": (60, 30),
+    "equivalence": (120, 45),
+    "bench": (90, 40),          # each of the two
+    "train": (150, 120),
+}
+
+DRY_RUN_MODEL = ["--depth", "1", "--dim", "16", "--heads", "2", "--mlp-dim", "32"]
+# -rsfE: the reasons of skips, then failures and errors last (nearest the end of the log); --durations: the
+# slowest tests, to size the timeouts after the first GPU run; no .pytest_cache writes
+PYTEST = ["-m", "pytest", "-q", "-rsfE", "--durations=15", "--color=no", "-p", "no:cacheprovider"]
+
+# A skip that means the test did not get a GPU: conftest's "no GPU backend: ...", test_fused_compiles.py's
+# "needs CuPy and NVRTC", pytest.importorskip("cupy")'s "could not import 'cupy'".
+NO_GPU_SKIP = re.compile(r"no GPU backend|needs CuPy|could not import 'cupy'|no CUDA device", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1: the machine report (runs in its own process: `machine_main`)
+
+def cuda_version(number):
+    """CUDA's version integer (1000 * major + 10 * minor) as "major.minor"; 0 (no driver) as "none"."""
+    number = int(number)
+    return f"{number // 1000}.{number % 1000 // 10}" if number else "none"
+
+
+def nvidia_driver_version():
+    """The NVIDIA driver's version ("570.86.15") from /proc/driver/nvidia/version, else nvidia-smi, else None."""
+    try:
+        with open("/proc/driver/nvidia/version") as file:
+            # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Wed Jan 22 ..."
+            words = file.readline().split()
+        return next((word for word in words if word[:1].isdigit() and "." in word), None)
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        answer = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return answer.stdout.strip().splitlines()[0] if answer.returncode == 0 and answer.stdout.strip() else None
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torch_facts(with_gpu):
+    """PyTorch's version (and its CUDA, and whether it sees the GPU), or why it did not import."""
+    try:
+        import torch
+    except Exception as error:          # torch is optional: a missing or broken one is a fact, not a failure
+        return dict(torch="not importable", torch_error=f"{type(error).__name__}: {error}")
+    facts = dict(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    if with_gpu:
+        facts["torch_sees_gpu"] = bool(torch.cuda.is_available())
+    return facts
+
+
+def add_gpu_facts(facts):
+    """Add the driver's and CuPy's view of GPU 0 to `facts`, one fact at a time, so that what was learnt
+    before a failure is kept (a driver too old for CuPy's CUDA fails at the device, after the versions).
+    Raises whatever CuPy raises where there is no usable GPU."""
+    facts["nvidia_driver"] = nvidia_driver_version()
+    import cupy
+    facts["cupy"] = cupy.__version__
+    runtime = cupy.cuda.runtime
+    facts["cuda_runtime"] = cuda_version(runtime.runtimeGetVersion())
+    facts["cuda_driver"] = cuda_version(runtime.driverGetVersion())      # the newest CUDA the driver runs
+    facts["gpu_count"] = int(runtime.getDeviceCount())
+    properties = runtime.getDeviceProperties(0)
+    name = properties["name"]
+    facts["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+    facts["gpu_compute_capability"] = cupy.cuda.Device(0).compute_capability
+    facts["gpu_memory_bytes"] = int(properties["totalGlobalMem"])
+
+
+def cupy_facts_if_any():
+    """CuPy's version, or that it is not installed or not importable (and why)."""
+    if importlib.util.find_spec("cupy") is None:
+        return dict(cupy="not installed")
+    try:
+        import cupy
+    except Exception as error:
+        return dict(cupy="not importable", cupy_error=f"{type(error).__name__}: {error}")
+    return dict(cupy=cupy.__version__)
+
+
+def machine_report(dry_run):
+    """(facts, problem): what this machine is, and why it cannot run the GPU path (None if it can, or in a dry run)."""
+    import numpy
+    facts = dict(dry_run=dry_run, cpu=cpu_name(), cpu_count=os.cpu_count(), python=platform.python_version(),
+                 numpy=numpy.__version__, platform=platform.platform())
+    problem = None
+    if dry_run:
+        facts.update(cupy_facts_if_any())
+    else:
+        try:
+            add_gpu_facts(facts)
+            from .backend import get_backend
+            get_backend("gpu")          # scratchvit's own check: CuPy compiles and runs a kernel on the device
+        except Exception as error:
+            problem = f"{type(error).__name__}: {error}"
+            if "cupy" not in facts:
+                facts.update(cupy_facts_if_any())
+    facts.update(torch_facts(with_gpu=not dry_run))
+    return facts, problem
+
+
+def machine_main(dry_run):
+    """Print the machine report, one fact a line, then as one JSON line; exit status 1 if the GPU is unusable."""
+    facts, problem = machine_report(dry_run)
+    print("dry run: every stage on the CPU, tiny sizes" if dry_run else "GPU run")
+    for key, value in facts.items():
+        print(f"{key}: {value}")
+    if problem:
+        print(f"error: the GPU path cannot run here: {problem}")
+    print(json.dumps(dict(facts, problem=problem)))
+    return 1 if problem else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# reading what the stages printed
+
+_COUNT = r"\d+ (?:passed|failed|skipped|deselected|errors?|warnings?|xfailed|xpassed|rerun)"
+_SUMMARY_LINE = re.compile(rf"^=*\s*(?P<counts>{_COUNT}(?:, {_COUNT})*|no tests ran)(?:\s+in\s+[\d.]+s\b.*?)?\s*=*\s*$")
+_SKIP_LINE = re.compile(r"^SKIPPED \[(?P<count>\d+)\] \S+: (?P<reason>.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PYTEST_KEYS = ("passed", "failed", "skipped", "errors", "deselected", "xfailed", "xpassed", "warnings")
+
+
+def parse_pytest_summary(text):
+    """The counts of pytest's last summary line ("3 passed, 2 skipped in 1.2s", "no tests ran in 0.01s") as
+    {passed, failed, skipped, errors, deselected, xfailed, xpassed, warnings}, absent ones 0; None without one."""
+    for line in reversed(_ANSI.sub("", text).splitlines()):
+        match = _SUMMARY_LINE.match(line.strip())
+        if match is None:
+            continue
+        counts = dict.fromkeys(PYTEST_KEYS, 0)
+        for number, word in re.findall(r"(\d+) (\w+)", match["counts"]):
+            key = {"error": "errors", "warning": "warnings"}.get(word, word)
+            counts[key] = counts.get(key, 0) + int(number)
+        return counts
+    return None
+
+
+def count_no_gpu_skips(text):
+    """How many tests pytest's -rs lines ("SKIPPED [3] tests/x.py:12: reason") say skipped for want of a GPU."""
+    total = 0
+    for line in _ANSI.sub("", text).splitlines():
+        match = _SKIP_LINE.match(line.strip())
+        if match and NO_GPU_SKIP.search(match["reason"]):
+            total += int(match["count"])
+    return total
+
+
+def parse_json_objects(text):
+    """Every JSON object that starts a line's first "{" (text after it on the line, such as a stray
+    stderr line glued to it, is ignored), in order."""
+    decoder = json.JSONDecoder()
+    objects = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            value, _ = decoder.raw_decode(line, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
+def read_metrics(path):
+    """The per-epoch records of a metrics.jsonl. A missing file gives []; a line cut short by a kill is skipped."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [record for record in parse_json_objects(text) if "epoch" in record]
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def training_figures(records, target=TARGET_ACCURACY):
+    """The first epoch at or above `target` test accuracy (and its wall_seconds), and the final accuracy."""
+    reached = next((record for record in records
+                    if _is_number(record.get("test_accuracy")) and record["test_accuracy"] >= target), {})
+    last = records[-1] if records else {}
+    return dict(epochs=len(records), target_accuracy=target, target_epoch=reached.get("epoch"),
+                target_wall_seconds=reached.get("wall_seconds"), final_epoch=last.get("epoch"),
+                final_accuracy=last.get("test_accuracy"), final_wall_seconds=last.get("wall_seconds"))
+
+
+def bench_figures(report, batch_size):
+    """The table's figures from a bench JSON report. Every key is read defensively: absent ones are None."""
+    report = report or {}
+    results = report.get("results") if isinstance(report.get("results"), dict) else {}
+
+    def library(name):
+        result = results.get(name) if isinstance(results.get(name), dict) else {}
+        memory = result.get("memory") if isinstance(result.get("memory"), dict) else {}
+        speed = result.get("images_per_second", result.get("img_per_s"))
+        return dict(images_per_second=speed, median_ms=result.get("median_ms"),
+                    launches_per_step=result.get("launches_per_step"),
+                    peak_bytes=memory.get("peak_bytes", result.get("peak_bytes")),
+                    used_bytes=memory.get("used_bytes", result.get("used_bytes")))
+
+    machine = report.get("machine") if isinstance(report.get("machine"), dict) else {}
+    return dict(batch_size=batch_size, ratio=report.get("ratio"), device=report.get("device"),
+                gpu=machine.get("gpu"), scratchvit=library("scratchvit"),
+                torch=library("torch") if "torch" in results else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# judging a stage: judge(outcome) -> (figures, problems); the stage passes when it exited 0, in time,
+# and its judge found no problem
+
+@dataclasses.dataclass
+class Outcome:
+    """What a stage's process did."""
+    returncode: object          # int, or None if it never started
+    timed_out: bool
+    seconds: float
+    log_text: str
+    start_error: object = None  # why it could not be started, or None
+
+
+def judge_machine(outcome):
+    reports = [obj for obj in parse_json_objects(outcome.log_text) if "python" in obj]
+    if not reports:
+        return {}, ["no machine report in the log"]
+    facts = reports[-1]
+    return facts, [f"GPU unusable: {facts['problem']}"] if facts.get("problem") else []
+
+
+def judge_pytest(outcome, *, dry_run):
+    counts = parse_pytest_summary(outcome.log_text)
+    if counts is None:
+        return {}, ["no pytest summary line in the log"]
+    figures = dict(counts, no_gpu_skips=count_no_gpu_skips(outcome.log_text))
+    problems = []
+    if counts["failed"] or counts["errors"]:
+        problems.append(f"{counts['failed']} failed, {counts['errors']} errors")
+    if not dry_run and counts["passed"] == 0:
+        problems.append("no test passed")
+    if not dry_run and figures["no_gpu_skips"]:
+        problems.append(f"{figures['no_gpu_skips']} skipped for want of a GPU")
+    return figures, problems
+
+
+def judge_equivalence(outcome):
+    comparisons = [obj for obj in parse_json_objects(outcome.log_text) if "dtype" in obj]
+    figures = {str(obj["dtype"]): dict(passed=obj.get("passed"), loss_error=obj.get("loss_error"),
+                                       parameter_error=obj.get("parameter_error"), logits_error=obj.get("logits_error"),
+                                       worst_parameter=obj.get("worst_parameter"), tolerance=obj.get("tolerance"))
+               for obj in comparisons}
+    if not figures:
+        return {}, ["no comparison in the log"]
+    failed = [dtype for dtype, figure in figures.items() if figure["passed"] is not True]
+    return figures, [f"{dtype}: outside the tolerance" for dtype in failed]
+
+
+def judge_bench(outcome, *, batch_size, torch_expected):
+    reports = [obj for obj in parse_json_objects(outcome.log_text) if "results" in obj]
+    if not reports:
+        return bench_figures(None, batch_size), ["no benchmark report in the log"]
+    figures = bench_figures(reports[-1], batch_size)
+    if torch_expected and figures["torch"] is None:
+        return figures, ["no PyTorch figures (torch does not import here, or its part of the run failed: see the log)"]
+    return figures, []
+
+
+def judge_training(outcome, *, metrics_path):
+    records = read_metrics(metrics_path)
+    figures = dict(training_figures(records), process_seconds=outcome.seconds, metrics=str(metrics_path))
+    return figures, [] if records else [f"no epoch recorded in {metrics_path}"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    kind: str                   # machine, pytest, equivalence, bench, train: how its figures are shown
+    command: list
+    timeout: float              # seconds on an H200, before --timeout-scale
+    minimum: float              # seconds kept free for this stage while earlier ones run
+    judge: object               # judge(Outcome) -> (figures, problems)
+    env: dict = dataclasses.field(default_factory=dict)     # added to the environment
+    prepare: object = None      # called just before the stage starts
+    exit_ok: tuple = (0,)       # exit statuses that are not a failure by themselves
+
+
+def build_stages(data_dir, out_dir, *, dry_run, python=None, torch_importable=None):
+    """The stages in their order (module docstring), for a GPU run or a dry run."""
+    python = python or sys.executable
+    if torch_importable is None:
+        torch_importable = importlib.util.find_spec("torch") is not None
+    limits = STAGE_LIMITS
+    machine_code = ("import sys; from scratchvit.gpu_acceptance import machine_main; "
+                    f"sys.exit(machine_main(dry_run={bool(dry_run)}))")
+    # pytest's exit status 5 is "no tests collected": a module skipped whole (test_fused_compiles.py without CuPy).
+    # judge_pytest judges that by the counts: fine in a dry run, "no test passed" in a GPU run.
+    pytest_options = dict(env=dict(HYPOTHESIS_PROFILE="ci"), exit_ok=(0, 5))
+    stages = [
+        Stage("machine", "machine", [python, "-c", machine_code], *limits["machine"], judge_machine),
+        Stage("gpu-tests", "pytest", [python, *PYTEST, "-m", "gpu"], *limits["gpu-tests"],
+              functools.partial(judge_pytest, dry_run=dry_run), **pytest_options),
+        Stage("compile-tests", "pytest", [python, *PYTEST, "tests/test_fused_compiles.py"], *limits["compile-tests"],
+              functools.partial(judge_pytest, dry_run=dry_run), **pytest_options),
+    ]
+    equivalence = [python, "-m", "scratchvit.equivalence", "--json"]
+    if dry_run:
+        equivalence += ["--devices", "cpu", "cpu", "--small", "--steps", "3"]
+    stages.append(Stage("equivalence", "equivalence", equivalence, *limits["equivalence"], judge_equivalence))
+    for batch_size in (DRY_RUN_BENCH_BATCHES if dry_run else BENCH_BATCHES):
+        device = "cpu" if dry_run else "gpu"
+        bench = [python, "-m", "scratchvit.bench", "--device", device, "--batch-size", str(batch_size)]
+        if dry_run:
+            bench += DRY_RUN_MODEL + ["--steps", "2", "--warmup", "1", "--repeats", "1"]
+        if torch_importable:        # without torch, a GPU run still times scratchvit, and judge_bench fails the stage
+            bench.append("--compare-torch")
+        stages.append(Stage(f"bench-{batch_size}", "bench", bench + ["--json"], *limits["bench"],
+                            functools.partial(judge_bench, batch_size=batch_size, torch_expected=not dry_run)))
+    train_dir = Path(out_dir) / "train"
+    train = [python, str(TRAIN_SCRIPT), "--data-dir", str(data_dir), "--out-dir", str(train_dir)]
+    if dry_run:
+        train += ["--device", "cpu", "--recipe", "gpu", "--epochs", "1", "--train-limit", "512", "--batch-size", "64",
+                  *DRY_RUN_MODEL, "--eval-batch-size", "256"]
+    else:
+        train += ["--device", "gpu"]
+    metrics_path = train_dir / "metrics.jsonl"
+    stages.append(Stage("train", "train", train, *limits["train"],
+                        functools.partial(judge_training, metrics_path=metrics_path),
+                        prepare=functools.partial(remove_file, metrics_path)))
+    if dry_run:
+        for stage in stages:
+            stage.env = dict(stage.env, CUDA_VISIBLE_DEVICES="")    # the CPU only, even on a machine with a GPU
+    return stages
+
+
+def remove_file(path):
+    """Remove a previous run's file, so that a stage that fails early is not judged by it."""
+    Path(path).unlink(missing_ok=True)
+
+
+def stage_timeout(timeout, minimum, remaining, later_minimums):
+    """A stage's timeout: its own, cut so that the stages after it keep their minimums from what remains of the
+    budget, but never below its own minimum."""
+    return min(timeout, max(minimum, remaining - later_minimums))
+
+
+# ------------------------------------------------------------------------------------------------
+# running a stage
+
+def child_environment(extra):
+    """This process's environment, with the repository importable, unbuffered output (a killed stage's log
+    keeps everything it printed), and `extra`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _signal_group(process_group, signal_number):
+    try:
+        os.killpg(process_group, signal_number)
+    except (ProcessLookupError, PermissionError):      # the group has already gone
+        pass
+
+
+def stop_process_group(process):
+    """SIGTERM to the stage's process group (it runs in a session of its own, so the group is the stage and
+    the processes it started), then SIGKILL to whatever of the group is left once the stage's own process has
+    ended or after STOP_GRACE_S."""
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_process(command, log_path, timeout, env=None, cwd=REPO_ROOT):
+    """Run `command` with stdout and stderr in `log_path` (after a header line with the command), for at most
+    `timeout` seconds; returns an Outcome. Ctrl-C stops the process and is raised again."""
+    log_path = Path(log_path)
+    log_path.write_text(f"$ {shlex.join(str(part) for part in command)}\n# cwd {cwd}, timeout {timeout:.0f} s\n")
+    started = time.monotonic()
+    returncode, timed_out, start_error = None, False, None
+    with open(log_path, "ab") as log:
+        try:
+            process = subprocess.Popen([str(part) for part in command], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=cwd, env=env, start_new_session=True)
+        except OSError as error:
+            start_error = f"could not start: {error}"
+        else:
+            try:
+                returncode = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                stop_process_group(process)
+                returncode = process.returncode
+            except KeyboardInterrupt:
+                stop_process_group(process)
+                raise
+    seconds = time.monotonic() - started
+    with open(log_path, "a") as log:
+        if start_error:
+            log.write(f"# {start_error}\n")
+        elif timed_out:
+            log.write(f"\n# timed out after {timeout:.0f} s: stopped\n")
+        else:
+            log.write(f"\n# exit status {returncode} after {seconds:.1f} s\n")
+    return Outcome(returncode, timed_out, seconds, log_path.read_text(errors="replace"), start_error)
+
+
+def log_tail(text, lines=TAIL_LINES):
+    return text.rstrip("\n").splitlines()[-lines:]
+
+
+def judge(stage, outcome):
+    """The stage's result as a JSON-ready dict."""
+    try:
+        figures, problems = stage.judge(outcome)
+    except Exception as error:          # a judge must not end the run: its own failure is the stage's problem
+        figures, problems = {}, [f"could not read the stage's output: {type(error).__name__}: {error}"]
+    problems = list(problems)
+    if outcome.start_error:
+        problems.insert(0, outcome.start_error)
+    elif outcome.timed_out:
+        problems.insert(0, f"timed out after {outcome.seconds:.0f} s")
+    elif outcome.returncode not in stage.exit_ok:
+        problems.insert(0, f"exit status {outcome.returncode}")
+    status = "passed" if not problems else ("timed out" if outcome.timed_out else "failed")
+    return dict(name=stage.name, kind=stage.kind, status=status, exit_status=outcome.returncode,
+                seconds=round(outcome.seconds, 2), figures=figures, problems=problems,
+                log_tail=log_tail(outcome.log_text) if problems else [])
+
+
+def run_stage(stage, log_path, timeout):
+    if stage.prepare is not None:
+        stage.prepare()
+    outcome = run_process(stage.command, log_path, timeout, env=child_environment(stage.env))
+    return dict(judge(stage, outcome), command=shlex.join(str(part) for part in stage.command),
+                timeout=round(timeout, 1), log=str(log_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# the summary: JSON, the table, Markdown
+
+def _fmt(value, spec, suffix=""):
+    return format(value, spec) + suffix if _is_number(value) else "n/a"
+
+
+def _bytes(value):
+    if not _is_number(value):
+        return "n/a"
+    return f"{value / 2 ** 30:.2f} GiB" if value >= 2 ** 30 else f"{value / 2 ** 20:.1f} MiB"
+
+
+def _integer(value):
+    return str(int(value)) if _is_number(value) else "n/a"
+
+
+def machine_text(figures):
+    def fact(key):
+        return figures.get(key) or "n/a"
+    versions = f"cupy {fact('cupy')}, numpy {fact('numpy')}, torch {fact('torch')}"
+    if figures.get("dry_run"):
+        return f"dry run on the CPU: {fact('cpu')} ({fact('cpu_count')} CPUs); {versions}"
+    if "gpu" in figures:
+        gpu = f"{figures['gpu']} ({_bytes(figures.get('gpu_memory_bytes'))}, sm_{fact('gpu_compute_capability')})"
+    else:
+        gpu = f"no GPU ({figures.get('problem') or 'not found'})"
+    return (f"{gpu}; driver {fact('nvidia_driver')}, CUDA runtime {fact('cuda_runtime')} "
+            f"(driver supports {fact('cuda_driver')}); {versions}")
+
+
+def pytest_text(figures):
+    text = ", ".join(f"{figures.get(key, 0)} {key}" for key in ("passed", "failed", "errors", "skipped"))
+    return text + (f" ({figures['no_gpu_skips']} for no GPU)" if figures.get("no_gpu_skips") else "")
+
+
+def equivalence_text(figures):
+    return "; ".join(f"{dtype} loss {_fmt(entry.get('loss_error'), '.1e')}, "
+                     f"params {_fmt(entry.get('parameter_error'), '.1e')}, "
+                     f"logits {_fmt(entry.get('logits_error'), '.1e')}: "
+                     + ("ok" if entry.get("passed") is True else "FAILED")
+                     for dtype, entry in figures.items())
+
+
+def bench_text(figures):
+    scratch, torch = figures.get("scratchvit") or {}, figures.get("torch") or {}
+    return (f"batch {figures.get('batch_size', 'n/a')}: "
+            f"scratchvit {_fmt(scratch.get('images_per_second'), ',.0f')} img/s, "
+            f"torch {_fmt(torch.get('images_per_second'), ',.0f')} img/s, ratio {_fmt(figures.get('ratio'), '.2f')}; "
+            f"launches/step {_integer(scratch.get('launches_per_step'))} "
+            f"vs {_integer(torch.get('launches_per_step'))}; "
+            f"scratchvit peak {_bytes(scratch.get('peak_bytes'))}")
+
+
+def train_text(figures):
+    process = f"process {_fmt(figures.get('process_seconds'), '.1f', ' s')}"
+    epochs = figures.get("epochs", 0)
+    if not epochs:
+        return f"no epoch recorded; {process}"
+    target = _fmt(figures.get("target_accuracy"), ".0%")
+    if figures.get("target_epoch") is not None:
+        seconds = _fmt(figures.get("target_wall_seconds"), ".1f", " s")
+        reached = f"{target} at epoch {figures['target_epoch']} ({seconds})"
+    else:
+        reached = f"{target} not reached"
+    final = f"final {_fmt(figures.get('final_accuracy'), '.2%')} after {epochs} epoch{'' if epochs == 1 else 's'}"
+    return f"{reached}; {final}; {process}"
+
+
+FIGURE_TEXTS = dict(machine=machine_text, pytest=pytest_text, equivalence=equivalence_text, bench=bench_text,
+                    train=train_text)
+
+
+def figures_text(stage):
+    """The key figures of a stage result (an entry of summary.json's "stages") in one line."""
+    figures = stage.get("figures") or {}
+    if not figures:
+        return "n/a"
+    text = FIGURE_TEXTS.get(stage.get("kind"))
+    return text(figures) if text else json.dumps(figures)[:200]
+
+
+def verdict_line(summary):
+    stages = summary["stages"]
+    failed = [stage["name"] for stage in stages if stage["status"] != "passed"]
+    if summary.get("interrupted"):
+        return f"INTERRUPTED after {len(stages)} stage(s) (exit {summary['exit_status']})"
+    if failed:
+        return f"FAILED: {len(failed)} of {len(stages)} stages ({', '.join(failed)}) (exit {summary['exit_status']})"
+    return f"PASSED: all {len(stages)} stages (exit {summary['exit_status']})"
+
+
+def format_table(summary):
+    """The text table printed last: one row per stage, then the verdict."""
+    rows = [("stage", "status", "seconds", "key figures")]
+    rows += [(stage["name"], stage["status"], f"{stage['seconds']:.1f}", figures_text(stage))
+             for stage in summary["stages"]]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = [f"{name:<{widths[0]}}  {status:<{widths[1]}}  {seconds:>{widths[2]}}  {figures}"
+             for name, status, seconds, figures in rows]
+    if any(stage["kind"] == "bench" for stage in summary["stages"]):
+        lines.append("(bench: ratio = scratchvit / torch median ms per step, below 1 = scratchvit faster; "
+                     "launches = GPU kernels, memcpy and memset per step, scratchvit vs torch)")
+    mode = "dry run (CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
+    lines.append(f"{mode}, {summary['seconds']:.0f} s in all: {verdict_line(summary)}")
+    return "\n".join(lines)
+
+
+def format_markdown(summary):
+    mode = "dry run (every stage on the CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
+    lines = [f"# scratchvit GPU acceptance: {verdict_line(summary)}", "",
+             f"{mode}, started {summary['started']}, {summary['seconds']:.0f} s in all. Logs: `{summary['logs']}`.", "",
+             "| stage | status | seconds | key figures | log |", "|---|---|---|---|---|"]
+    for stage in summary["stages"]:
+        figures = figures_text(stage).replace("|", "\\|")
+        lines.append(f"| {stage['name']} | {stage['status']} | {stage['seconds']:.1f} | {figures} | `{stage['log']}` |")
+    for stage in summary["stages"]:
+        if stage["status"] != "passed":
+            lines += ["", f"## {stage['name']}: {stage['status']}", "", "; ".join(stage["problems"]), "",
+                      f"`{stage['command']}`, last lines of its log:", "", "```", *stage["log_tail"], "```"]
+    lines += ["", "## Commands", ""] + [f"- {stage['name']} (timeout {stage['timeout']:.0f} s): `{stage['command']}`"
+                                        for stage in summary["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir, summary):
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "summary.md").write_text(format_markdown(summary))
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole run
+
+def say_flushed(text):
+    print(text, flush=True)
+
+
+def run_acceptance(stages, out_dir, *, dry_run, timeout_scale=1.0, budget=BUDGET_S, say=say_flushed):
+    """Run `stages` in order (each in its own process, logs in OUT/logs), write OUT/summary.json and .md after
+    every stage, print the failures, where the logs are and the table last; returns the exit status."""
+    out_dir = Path(out_dir)
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started, clock_start = datetime.datetime.now().isoformat(timespec="seconds"), time.monotonic()
+    deadline = clock_start + budget * timeout_scale
+    summary = dict(dry_run=dry_run, started=started, seconds=0.0, out_dir=str(out_dir), logs=str(logs),
+                   budget_seconds=budget * timeout_scale, timeout_scale=timeout_scale, python=sys.executable,
+                   stages=[], interrupted=False, passed=False, exit_status=1)
+    say(f"scratchvit GPU acceptance: {'dry run, every stage on the CPU at tiny sizes' if dry_run else 'GPU run'}; "
+        f"{len(stages)} stages, budget {budget * timeout_scale:.0f} s; logs in {logs}")
+    try:
+        for index, stage in enumerate(stages):
+            later = sum(other.minimum for other in stages[index + 1:]) * timeout_scale
+            timeout = stage_timeout(stage.timeout * timeout_scale, stage.minimum * timeout_scale,
+                                    deadline - time.monotonic(), later)
+            say(f"[{index + 1}/{len(stages)}] {stage.name} (timeout {timeout:.0f} s): "
+                f"{shlex.join(str(part) for part in stage.command)}")
+            result = run_stage(stage, logs / f"{index + 1:02d}-{stage.name}.log", timeout)
+            summary["stages"].append(result)
+            detail = "; ".join(result["problems"]) if result["problems"] else figures_text(result)
+            say(f"    {result['status']} in {result['seconds']:.1f} s: {detail}")
+            summary["seconds"] = time.monotonic() - clock_start
+            write_summary(out_dir, summary)
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+    summary["seconds"] = time.monotonic() - clock_start
+    summary["passed"] = (not summary["interrupted"] and len(summary["stages"]) == len(stages)
+                         and all(stage["status"] == "passed" for stage in summary["stages"]))
+    summary["exit_status"] = 130 if summary["interrupted"] else (0 if summary["passed"] else 1)
+    write_summary(out_dir, summary)
+    for stage in summary["stages"]:
+        if stage["status"] != "passed":
+            say(f"\n{stage['name']} {stage['status']}: {'; '.join(stage['problems'])}\n"
+                f"last lines of {stage['log']}:\n" + "\n".join("    " + line for line in stage["log_tail"]))
+    say(f"\nlogs: {logs} (one per stage); summary: {out_dir / 'summary.json'}, {out_dir / 'summary.md'}\n")
+    say(format_table(summary))
+    return summary["exit_status"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m scratchvit.gpu_acceptance",
+        description="Prove scratchvit's GPU path on this machine: machine report, GPU tests, NVRTC compile tests, "
+                    "CPU/GPU equivalence, benchmarks against PyTorch at batch 512 and 2048, and MNIST training "
+                    "with the GPU recipe; each stage in its own process with a timeout, a summary table last.")
+    parser.add_argument("--data-dir", required=True, help="folder with MNIST's four IDX files (.gz or not)")
+    parser.add_argument("--out-dir", default="runs/gpu-acceptance",
+                        help="where logs/, train/, summary.json and summary.md go (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every stage on the CPU at tiny sizes: checks this command itself, on any machine")
+    parser.add_argument("--timeout-scale", type=float, default=1.0,
+                        help="multiply every stage's timeout, and the budget, by this (default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help="seconds for all stages together, before --timeout-scale; a stage's timeout is cut so "
+                             "that the later ones keep their minimums (default: %(default)s)")
+    return parser
+
+
+def check_arguments(args):
+    """A one-line problem with the options or the data folder, or None."""
+    if not (args.timeout_scale > 0 and math.isfinite(args.timeout_scale)):
+        return f"--timeout-scale must be a positive number, got {args.timeout_scale}"
+    if not (args.budget > 0 and math.isfinite(args.budget)):
+        return f"--budget must be a positive number of seconds, got {args.budget}"
+    folder = Path(args.data_dir)
+    if not folder.is_dir():
+        return (f"--data-dir {args.data_dir}: no such folder (it should hold MNIST's four files {file_list()}, "
+                "each may be .gz)")
+    missing = [name for name in MNIST_FILES.values()
+               if not (folder / name).is_file() and not (folder / (name + ".gz")).is_file()]
+    if missing:
+        return f"--data-dir {args.data_dir}: missing {', '.join(missing)} (each may be .gz)"
+    return None
+
+
+def _interrupt(signal_number, frame):
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:       # --help (0) or a bad option (2): return the status instead of exiting
+        return exit_.code if isinstance(exit_.code, int) else 2
+    problem = check_arguments(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir).resolve()
+    stages = build_stages(Path(args.data_dir).resolve(), out_dir, dry_run=args.dry_run)
+    # The stages run in sessions of their own (so that a timeout stops a stage's children too), which also keeps
+    # a SIGTERM sent to this process from reaching them: treat it as Ctrl-C, which stops the running stage.
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:                  # not the main thread: leave signals alone
+        previous_handler = None
+    try:
+        return run_acceptance(stages, out_dir, dry_run=args.dry_run, timeout_scale=args.timeout_scale,
+                              budget=args.budget)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
