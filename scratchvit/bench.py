@@ -549,7 +549,7 @@ def summarize(times_ms, batch_size):
                 steps=int(times.size), times_ms=[round(float(t), 4) for t in times])
 
 
-def _cpu_name():
+def cpu_name():
     name = platform.processor()
     if not name or name == platform.machine():
         try:
@@ -571,7 +571,7 @@ def _blas():
 
 
 def machine_info(backend, torch=None):
-    info = dict(processor=_cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
+    info = dict(processor=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), numpy=numpy.__version__, blas=_blas(),
                 thread_environment={name: os.environ[name] for name in
                                     ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if name in os.environ})

@@ -89,6 +89,7 @@ import sys
 import time
 from pathlib import Path
 
+from .bench import cpu_name
 from .data import MNIST_FILES, file_list
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,17 +150,6 @@ def nvidia_driver_version():
     except (OSError, subprocess.SubprocessError):
         return None
     return answer.stdout.strip().splitlines()[0] if answer.returncode == 0 and answer.stdout.strip() else None
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def torch_facts(with_gpu):
