@@ -3,8 +3,9 @@
 This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
 Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
-non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems
-and a diverged run, 130 after Ctrl-C (a checkpoint is written first).
+non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
+an output folder that cannot be created and a diverged run, 130 after Ctrl-C (a checkpoint is
+written first).
 
 Recipes (scratchvit/recipes.py): `--device gpu` trains with the GPU recipe (batch 512 and the schedule
 that goes with it), the CPU with the CPU recipe; `--recipe` names one explicitly, and an option given
@@ -17,7 +18,8 @@ import sys
 from scratchvit.backend import BackendUnavailable
 from scratchvit.data import DataError
 from scratchvit.recipes import RECIPES
-from scratchvit.train import CheckpointError, ConfigError, NonFiniteLoss, TrainConfig, evaluate_checkpoint, run
+from scratchvit.train import (CheckpointError, ConfigError, NonFiniteLoss, OutputError, TrainConfig,
+                              evaluate_checkpoint, run)
 
 
 def recipe_default(name, text=""):
@@ -43,7 +45,7 @@ def build_parser():
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm, help="0 disables clipping")
     parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
-                        help="random shift augmentation in pixels (0 disables it)")
+                        help="random shift augmentation in pixels, below the image size (0 disables it)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads for the data-parallel training step (default: one per core)")
@@ -89,7 +91,7 @@ def main(argv=None):
     except (BackendUnavailable, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, NonFiniteLoss) as error:
+    except (DataError, CheckpointError, OutputError, NonFiniteLoss) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:

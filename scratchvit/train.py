@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -100,6 +101,13 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
+    def validate_for_images(self, image_size):
+        """ConfigError for an option that cannot work on images of image_size x image_size pixels."""
+        # a shift of s pixels keeps image_size - s rows (columns) of the image: at s >= image_size
+        # some images become blank, and a model trained on them learns nothing
+        if self.max_shift >= image_size:
+            raise ConfigError(f"max_shift must be smaller than the image size {image_size}, got {self.max_shift}")
+
     def model_config(self, image_size, channels=1, num_classes=10):
         return dict(image_size=image_size, patch_size=self.patch_size, num_classes=num_classes, dim=self.dim,
                     depth=self.depth, heads=self.heads, mlp_dim=self.mlp_dim, channels=channels,
@@ -116,6 +124,10 @@ class NonFiniteLoss(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or belongs to another configuration."""
+
+
+class OutputError(RuntimeError):
+    """The output folder (out_dir) cannot be created or written to."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,6 +358,29 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
 
 
+def make_output_folder(out_dir):
+    """Create `out_dir` (and its parents) and check that it can be written to, or OutputError:
+    called before the data are loaded, so a bad --out-dir costs no loading and no training."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "a file of that name exists" if out_dir.is_file() else (error.strerror or str(error))
+        raise OutputError(f"cannot create the output folder {out_dir}: {reason}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to the output folder {out_dir}: permission denied")
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """The learning rate of every step of the run: linear warmup over config.warmup_epochs (at most a
+    tenth of the run), then cosine decay to 0 (optim.warmup_cosine); entry t is the rate of step t + 1."""
+    total_steps = config.epochs * steps_per_epoch
+    # the warmup is capped at a tenth of the run, so a short run (--epochs 1) still decays its learning rate
+    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 10)
+    return [warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr)
+            for step in range(total_steps)]
+
+
 def build_model(config, data):
     """The ViT for `config` and the data's image size and classes; ConfigError if the options do not fit."""
     try:
@@ -384,16 +419,13 @@ def run(config, *, log=log_line, on_step=None):
         from .plots import MATPLOTLIB_HINT, matplotlib_available
         if not matplotlib_available():
             raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
+    make_output_folder(out_dir)
     data = load_data(config, backend)
+    config.validate_for_images(data["image_size"])
     model = build_model(config, data).to(backend)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
-    train_count = data["train_images"].shape[0]
-    steps_per_epoch = math.ceil(train_count / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    # the warmup is capped at a tenth of the run, so a short run (--epochs 1) still decays its learning rate
-    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), total_steps // 10)
-    optimizer.set_schedule([warmup_cosine(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr)
-                            for step in range(total_steps)])
+    steps_per_epoch = math.ceil(data["train_images"].shape[0] / config.batch_size)
+    optimizer.set_schedule(learning_rate_schedule(config, steps_per_epoch))
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
                            threads=config.threads)
 
@@ -406,7 +438,6 @@ def run(config, *, log=log_line, on_step=None):
         start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
         random_state, history = meta["random_state"], meta["history"]
         log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     if not config.resume:
         metrics_path.write_text("")

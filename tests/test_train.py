@@ -222,7 +222,8 @@ def test_sigint_mid_epoch_checkpoints_and_resume_repeats_the_uninterrupted_run(r
     assert (meta["epoch"], meta["step_in_epoch"]) == (epoch, step + 1)
     assert meta["optimizer_step"] == epoch * RESUME_STEPS + step + 1
     assert len(read_metrics(tmp_path)) == epoch                    # only the finished epochs
-    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+    # nothing else: no temporary file of the atomic writer (".checkpoint.npz.*.part") is left behind
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
 
     resumed_steps = []
     history = run(resume_config(resume_dataset, tmp_path, resume=True), log=quiet,
@@ -405,6 +406,61 @@ def test_cli_bad_numeric_options_are_exit_2(small_dataset, tmp_path, options, fr
     result = cli("--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 1, "--batch-size", 16,
                  *TINY_MODEL_ARGS, *options)
     assert_one_line_error(result, 2, fragment)
+
+
+def test_cli_max_shift_that_leaves_nothing_of_the_image_is_exit_2(small_dataset, tmp_path):
+    """The synthetic images are 8 pixels wide: a shift of 8 can move all of an image out of view."""
+    for shift in (IMAGE_SIZE, 30):
+        result = cli("--data-dir", small_dataset, "--out-dir", tmp_path / str(shift), "--epochs", 1,
+                     "--max-shift", shift, *TINY_MODEL_ARGS)
+        assert_one_line_error(result, 2, "max_shift", f"smaller than the image size {IMAGE_SIZE}", f"got {shift}")
+        assert list((tmp_path / str(shift)).iterdir()) == []          # refused before any training
+
+
+def test_cli_max_shift_just_below_the_image_size_trains(small_dataset, tmp_path):
+    result = cli("--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 1, "--batch-size", 16,
+                 "--max-shift", IMAGE_SIZE - 1, *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert len(read_metrics(tmp_path)) == 1
+
+
+def out_dir_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    return tmp_path / "taken", "a file of that name exists"
+
+
+def out_dir_parent_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    return tmp_path / "taken" / "run", "not a directory"
+
+
+@pytest.mark.parametrize("bad_out_dir", [out_dir_is_a_file, out_dir_parent_is_a_file],
+                         ids=lambda function: function.__name__[len("out_dir_"):])
+def test_cli_out_dir_that_cannot_be_created_is_exit_1_before_loading_data(tmp_path, bad_out_dir):
+    """The data folder does not exist either: the out-dir error comes first, so nothing was loaded."""
+    out_dir, reason = bad_out_dir(tmp_path)
+    result = cli("--data-dir", tmp_path / "no-such-data", "--out-dir", out_dir, "--epochs", 1, *TINY_MODEL_ARGS)
+    assert_one_line_error(result, 1, "output folder", str(out_dir), reason)
+    assert (tmp_path / "taken").read_text() == "not a folder"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("subfolder", ["run", ""], ids=["create-inside", "existing"])
+def test_cli_out_dir_without_write_permission_is_exit_1_before_loading_data(tmp_path, subfolder):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        try:
+            (locked / "probe").mkdir()
+        except PermissionError:
+            pass
+        else:         # root (with CAP_DAC_OVERRIDE) writes into any folder, whatever its permissions
+            pytest.skip("this process may write into a folder without write permission (root)")
+        out_dir = locked / subfolder if subfolder else locked
+        result = cli("--data-dir", tmp_path / "no-such-data", "--out-dir", out_dir, "--epochs", 1, *TINY_MODEL_ARGS)
+    finally:
+        locked.chmod(0o700)
+    assert_one_line_error(result, 1, "output folder", str(out_dir), "permission denied")
 
 
 @pytest.mark.skipif(GPU_SKIP_REASON is None, reason="the GPU backend works here")
