@@ -60,9 +60,16 @@ def build_parser():
                         help="folder holding the four MNIST IDX files (.gz or not); default: download to the cache")
     parser.add_argument("--out-dir", default=defaults.out_dir, help="where metrics.jsonl, checkpoint.npz and plots go")
     parser.add_argument("--train-limit", type=int, default=defaults.train_limit,
-                        help="train on the first N training images only")
+                        help="train on the first N training images only (of those --validation leaves)")
+    parser.add_argument("--validation", type=int, default=defaults.validation, metavar="N",
+                        help="hold the last N training images out of training and report their accuracy after "
+                             "every epoch (validation_accuracy in metrics.jsonl): choose settings on it, not on "
+                             "the test set. Split off before --train-limit: on MNIST's 60,000 training images, "
+                             "--validation 5000 --train-limit 20000 trains on the first 20,000 of the first 55,000 "
+                             "and validates on the last 5,000. 0: off. --resume needs the same N")
     parser.add_argument("--eval-batch-size", type=int, default=argparse.SUPPRESS,
-                        help=recipe_default("eval_batch_size", "images per forward pass when measuring test accuracy"))
+                        help=recipe_default("eval_batch_size",
+                                            "images per forward pass when measuring test (and validation) accuracy"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--eval-only", action="store_true", help="print the test accuracy of --checkpoint and exit")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")

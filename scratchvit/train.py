@@ -11,9 +11,10 @@ Around it (`run`):
 - AdamW with decoupled weight decay on the weight matrices only (not biases, LayerNorm
   parameters, the CLS token or the position embeddings), a linear warmup then cosine decay of
   the learning rate, updated every step;
-- after every epoch: test accuracy in eval mode, one JSON line in OUT/metrics.jsonl, and a
-  checkpoint written atomically to OUT/checkpoint.npz (model, optimiser, random state, epoch,
-  configuration);
+- after every epoch: test accuracy in eval mode (and, with `validation` N > 0, the accuracy on the
+  last N training images, held out of training: settings are chosen on those, never on the test
+  set), one JSON line in OUT/metrics.jsonl, and a checkpoint written atomically to
+  OUT/checkpoint.npz (model, optimiser, random state, epoch, configuration);
 - randomness: the shuffle, the shifts and dropout of epoch e draw from generators seeded by
   (seed, e), and a checkpoint saves the generators' states (on the CPU), so a resumed run repeats
   an uninterrupted one exactly, even from a checkpoint written by Ctrl-C in the middle of an epoch;
@@ -65,6 +66,7 @@ class TrainConfig:
     data_dir: str = None
     out_dir: str = "runs/mnist"
     train_limit: int = None
+    validation: int = 0          # hold out the last N training images and evaluate them every epoch (0: off)
     eval_batch_size: int = 500
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
     resume: bool = False
@@ -96,10 +98,19 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads!r}")
+        if self.validation < 0:
+            raise ConfigError(f"validation must be a non-negative number of images (0 turns it off), "
+                              f"got {self.validation!r}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+    def validate_for_training_set(self, count):
+        """ConfigError if `validation` holds out so many of the `count` training images that none is left."""
+        if self.validation >= count:
+            raise ConfigError(f"validation must leave at least one training image: at most {count - 1} of the "
+                              f"{count} training images, got {self.validation}")
 
     def validate_for_images(self, image_size):
         """ConfigError for an option that cannot work on images of image_size x image_size pixels."""
@@ -251,6 +262,22 @@ def check_same_model(path, saved_config, model_config):
                               + ", ".join(differences) + "; pass the same model options")
 
 
+def check_same_validation_split(path, saved_train_config, config):
+    """CheckpointError unless a resumed run holds out the same validation images as the saved one.
+
+    Other training options may change on resume (more epochs, another learning rate: the command
+    line wins). The split may not: the saved weights have trained on every image outside it, so
+    another --validation would validate on images already trained on, or train on images already
+    used to choose settings, and validation_accuracy would no longer measure unseen images. Keeping
+    the saved value instead would silently override the command line (and a TrainConfig cannot tell
+    a typed --validation 0 from the default), so it is an error, like another model configuration."""
+    saved = saved_train_config.get("validation", 0)       # checkpoints from before --validation held none out
+    if saved != config.validation:
+        raise CheckpointError(f"{path}: checkpoint was trained with validation={saved!r} (this run: "
+                              f"{config.validation!r}); resume with --validation {saved} to keep the same "
+                              f"held-out images")
+
+
 # ------------------------------------------------------------------------------------------------
 # progress display: tqdm when installed (pip install "scratchvit[progress]"), else one line on a terminal
 
@@ -351,10 +378,13 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                                     f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
     progress.close()
     train_seconds = time.perf_counter() - started
-    accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size,
-                        replicas=train_step.models()[1:], pool=train_step.pool)
-    return dict(epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch, test_accuracy=accuracy,
-                lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
+    record = dict(epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch)
+    # the validation images are measured exactly as the test images: same function, threads, batch size
+    for split in (["validation"] if config.validation > 0 else []) + ["test"]:
+        record[f"{split}_accuracy"] = evaluate(model, data[f"{split}_images"], data[f"{split}_labels"],
+                                               config.eval_batch_size, replicas=train_step.models()[1:],
+                                               pool=train_step.pool)
+    return dict(record, lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
 
 
@@ -390,18 +420,30 @@ def build_model(config, data):
 
 
 def load_data(config, backend):
+    """The training and test sets on the device, normalised, and with config.validation = N > 0 the
+    validation set: the last N images of the training file, never augmented. They are split off
+    first, and config.train_limit then takes the first images of the rest, so the validation images
+    stay the same whatever the limit."""
     arrays = load_mnist(config.data_dir)
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    config.validate_for_training_set(train_images.shape[0])
+    kept = train_images.shape[0] - config.validation
+    validation_images, validation_labels = train_images[kept:], train_labels[kept:]
+    train_images, train_labels = train_images[:kept], train_labels[:kept]
     if config.train_limit is not None:
         train_images, train_labels = train_images[:config.train_limit], train_labels[:config.train_limit]
     height, width = train_images.shape[1:]
     if height != width:
         raise DataError(f"images are {height}x{width}: this ViT needs square images")
     num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
-    return dict(train_images=normalize(train_images, backend), train_labels=backend.asarray(train_labels, dtype="int64"),
+    data = dict(train_images=normalize(train_images, backend), train_labels=backend.asarray(train_labels, dtype="int64"),
                 test_images=normalize(arrays["test_images"], backend),
                 test_labels=backend.asarray(arrays["test_labels"], dtype="int64"),
                 image_size=height, num_classes=max(num_classes, 10))
+    if config.validation > 0:
+        data.update(validation_images=normalize(validation_images, backend),
+                    validation_labels=backend.asarray(validation_labels, dtype="int64"))
+    return data
 
 
 def run(config, *, log=log_line, on_step=None):
@@ -433,6 +475,7 @@ def run(config, *, log=log_line, on_step=None):
     if config.resume:
         meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
         check_same_model(checkpoint_path, meta["model_config"], model.config)
+        check_same_validation_split(checkpoint_path, meta["train_config"], config)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"], lr=meta["optimizer_lr"]))
         start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
@@ -461,7 +504,9 @@ def run(config, *, log=log_line, on_step=None):
                 file.write(json.dumps(record) + "\n")
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch + 1,
                             step_in_epoch=0, random_state=None, history=history)
-            log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  "
+            validation = (f"validation accuracy {record['validation_accuracy']:.2%}  "
+                          if "validation_accuracy" in record else "")
+            log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  {validation}"
                 f"test accuracy {record['test_accuracy']:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s  "
                 f"({record['images_per_second']:.0f} img/s)")
     if config.plot and history:
@@ -473,7 +518,8 @@ def run(config, *, log=log_line, on_step=None):
 
 
 def evaluate_checkpoint(path, config, *, log=log_line):
-    """Test accuracy of a saved model; the checkpoint's model configuration must match `config`'s."""
+    """Test accuracy of a saved model (always the test set, whatever config.validation says); the
+    checkpoint's model configuration must match `config`'s."""
     config.validate()
     backend = get_backend(config.device)
     meta, model_state, _ = load_checkpoint(path)
