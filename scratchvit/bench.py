@@ -80,8 +80,8 @@ JSON report (--json): one object with
   null); with torch: `torch`, `torch_threads`, and on the GPU `torch_cuda` (the CUDA torch was built
   with);
 - `results`: one object per library ("scratchvit", "torch") with `library`, `label`, `median_ms`,
-  `min_ms`, `max_ms`, `q1_ms`, `q3_ms`, `iqr_ms`, `img_per_s` and its long name `images_per_second`
-  (the same number), `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
+  `min_ms`, `max_ms`, `q1_ms`, `q3_ms`, `iqr_ms`, `img_per_s` (images per second at the median),
+  `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
   with a `note`), `peak_bytes` and `used_bytes` (copied from `memory`; null where not measured:
   used_bytes is in use after the steps: CuPy's pool on the GPU, `torch.cuda.memory_allocated()`
   for PyTorch), `launches_per_step` (kernels launched by one step, or null) and `launches`
@@ -771,7 +771,6 @@ def _run(args, backend, config, model, torch):
     for runner in runners:
         summary = summarize(runner.times_ms, args.batch_size)
         results[runner.name] = dict(library=runner.name, label=runner.label, **summary,
-                                    images_per_second=summary["img_per_s"],
                                     parameters=int(runner.parameters), first_loss=runner.first_loss,
                                     memory=runner.memory, peak_bytes=runner.memory["peak_bytes"],
                                     used_bytes=runner.memory.get("used_bytes"),

@@ -298,7 +298,7 @@ def test_parse_json_objects_skips_text_and_survives_glued_stderr():
 def test_bench_figures_read_missing_keys_as_none():
     report = {"ratio": 0.8, "results": {
         "scratchvit": {"img_per_s": 1000.0, "median_ms": 5.0, "memory": {"peak_bytes": 3 * 2 ** 30}},
-        "torch": {"images_per_second": 1250.0, "launches_per_step": 420}}}
+        "torch": {"img_per_s": 1250.0, "launches_per_step": 420}}}
     figures = bench_figures(report, 512)
     assert figures["scratchvit"] == dict(images_per_second=1000.0, median_ms=5.0, launches_per_step=None,
                                          peak_bytes=3 * 2 ** 30, used_bytes=None)
