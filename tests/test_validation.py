@@ -15,11 +15,11 @@ import pytest
 
 import scratchvit.train
 from scratchvit import ViT
-from scratchvit.data import MNIST_FILES, load_mnist, normalize, write_idx
+from scratchvit.data import load_mnist, normalize
 from scratchvit.train import CheckpointError, TrainConfig, evaluate, evaluate_checkpoint, load_checkpoint, run
 from scratchvit.train_step import TrainStep
-from test_train import (CLASSES, TINY_MODEL, TINY_MODEL_ARGS, Crash, assert_one_line_error, cli, quadrant_split,
-                        quiet, read_metrics, write_dataset)
+from test_train import (TINY_MODEL, TINY_MODEL_ARGS, Crash, assert_one_line_error, cli, quiet, read_metrics,
+                        write_dataset)
 
 TRAIN_COUNT = 240
 TEST_COUNT = 64
@@ -30,25 +30,10 @@ FIELDS_WITHOUT_VALIDATION = ["epoch", "train_loss", "test_accuracy", "lr", "seco
                              "images_per_second", "elapsed", "wall_seconds"]
 
 
-def write_dataset_with_a_hard_tail(folder, tail, seed):
-    """Like test_train.write_dataset, but every other image of the last `tail` training images carries
-    the next label instead of its quadrant's: a model that learns the quadrants scores about half there
-    and nearly all on the test set, so an accuracy measured on the wrong images shows."""
-    rng = numpy.random.default_rng(seed)
-    train_images, train_labels = quadrant_split(rng, TRAIN_COUNT)
-    test_images, test_labels = quadrant_split(rng, TEST_COUNT)
-    train_labels[-tail::2] = (train_labels[-tail::2] + 1) % CLASSES
-    folder.mkdir(parents=True)
-    write_idx(folder / MNIST_FILES["train_images"], train_images)
-    write_idx(folder / MNIST_FILES["train_labels"], train_labels)
-    write_idx(folder / MNIST_FILES["test_images"], test_images)
-    write_idx(folder / MNIST_FILES["test_labels"], test_labels)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset_with_a_hard_tail(tmp_path_factory.mktemp("data") / "validation", HELD_OUT, seed=5)
+    return write_dataset(tmp_path_factory.mktemp("data") / "validation", train_count=TRAIN_COUNT, test_count=TEST_COUNT,
+                         seed=5, hard_tail=HELD_OUT)
 
 
 @pytest.fixture(scope="module")
