@@ -1,16 +1,12 @@
-"""PNG plots of a training run: loss and accuracy curves, and where the CLS token looks.
-
-Attention rollout (Abnar & Zuidema, 2020): each layer's attention, averaged over heads, plus the
-identity for the residual connection and renormalised, A_l = normalise(mean_heads(attn_l) + I),
-multiplied through the layers, R = A_L ... A_1. Row 0 of R (the CLS token) over the patch tokens,
-reshaped to the patch grid (7x7 for 28x28 images and patch 4), shows which parts of the image the
-classification draws on.
+"""PNG plots of a training run: loss and accuracy curves, and where the CLS token looks (the attention
+rollout of scratchvit/attention_maps.py over a few test images).
 
 matplotlib is an optional extra (`pip install "scratchvit[plot]"`); nothing else here needs it.
 """
 from pathlib import Path
 
-from .backend import get_array_module, host, to_host
+from .attention_maps import attention_rollout
+from .backend import host, to_host
 
 MATPLOTLIB_HINT = 'the plots need matplotlib: pip install "scratchvit[plot]" (or pip install matplotlib)'
 
@@ -26,24 +22,6 @@ def require_matplotlib():
     except ImportError:
         raise ImportError(MATPLOTLIB_HINT) from None
     matplotlib.use("Agg")
-
-
-def attention_rollout(model, images):
-    """(B, grid, grid) host array: the rolled-out attention of the CLS token over the patch grid."""
-    was_training = model.training
-    model.eval()
-    logits = model.forward(images)
-    model.train(was_training)
-    xp = get_array_module(logits)
-    rollout = None
-    for block in model.blocks:
-        attention = block.attn.attn.mean(axis=1)                              # (B, T, T), heads averaged
-        attention = attention + xp.eye(attention.shape[-1], dtype=attention.dtype)
-        attention /= attention.sum(axis=-1, keepdims=True)
-        rollout = attention if rollout is None else attention @ rollout
-    cls_to_patches = to_host(rollout[:, 0, 1:])                               # (B, N)
-    grid = int(round(cls_to_patches.shape[1] ** 0.5))
-    return cls_to_patches.reshape(-1, grid, grid), to_host(logits.argmax(axis=1))
 
 
 def write_plots(out_dir, model, test_images, test_labels, history, count=16):
