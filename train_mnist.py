@@ -18,8 +18,8 @@ import sys
 from scratchvit.backend import BackendUnavailable
 from scratchvit.data import DataError
 from scratchvit.recipes import RECIPES
-from scratchvit.train import (CheckpointError, ConfigError, NonFiniteLoss, OutputError, TrainConfig,
-                              evaluate_checkpoint, run)
+from scratchvit.train import (LOSS_READ_INTERVAL, CheckpointError, ConfigError, NonFiniteLoss, OutputError,
+                              TrainConfig, report_checkpoint, run)
 
 
 def recipe_default(name, text=""):
@@ -71,9 +71,18 @@ def build_parser():
                         help=recipe_default("eval_batch_size",
                                             "images per forward pass when measuring test (and validation) accuracy"))
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
-    parser.add_argument("--eval-only", action="store_true", help="print the test accuracy of --checkpoint and exit")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every, metavar="N",
+                        help=f"write a line to OUT/steps.jsonl every N steps (step, epoch, mean loss since the "
+                             f"last line, lr, images/s): a multiple of {LOSS_READ_INTERVAL}, the steps between "
+                             f"reads of the loss from the device. 0: off")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="print the test accuracy, per-class accuracy and confusion matrix of --checkpoint, "
+                             "write them to evaluation.json in the checkpoint's folder, and exit")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
-    parser.add_argument("--plot", action="store_true", help="write loss/accuracy curves and attention maps (matplotlib)")
+    parser.add_argument("--plot", action="store_true",
+                        help="write plots (matplotlib): after training curves.png (loss over steps, accuracy over "
+                             "epochs), attention.png and attention_heads.png in OUT; with --eval-only "
+                             "confusion.png and misclassified.png beside the checkpoint")
     return parser
 
 
@@ -92,7 +101,7 @@ def main(argv=None):
     config = config_from_args(args)
     try:
         if args.eval_only:
-            evaluate_checkpoint(args.checkpoint, config)
+            report_checkpoint(args.checkpoint, config)
         else:
             run(config)
     except (BackendUnavailable, ConfigError) as error:

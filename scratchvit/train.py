@@ -15,6 +15,8 @@ Around it (`run`):
   last N training images, held out of training: settings are chosen on those, never on the test
   set), one JSON line in OUT/metrics.jsonl, and a checkpoint written atomically to
   OUT/checkpoint.npz (model, optimiser, random state, epoch, configuration);
+- every `log_every` steps, one JSON line in OUT/steps.jsonl (`StepLog`), written at the loss reads
+  the loop makes anyway;
 - randomness: the shuffle, the shifts and dropout of epoch e draw from generators seeded by
   (seed, e), and a checkpoint saves the generators' states (on the CPU), so a resumed run repeats
   an uninterrupted one exactly, even from a checkpoint written by Ctrl-C in the middle of an epoch;
@@ -71,6 +73,7 @@ class TrainConfig:
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
     resume: bool = False
     plot: bool = False
+    log_every: int = LOSS_READ_INTERVAL   # steps between lines of OUT/steps.jsonl: a multiple of it, or 0 (off)
 
     @classmethod
     def from_recipe(cls, recipe=None, **options):
@@ -105,6 +108,11 @@ class TrainConfig:
             raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        # the step log is written when the loop reads the loss anyway; any other step would make a GPU step wait
+        if self.log_every < 0 or self.log_every % LOSS_READ_INTERVAL:
+            raise ConfigError(f"log_every must be a multiple of {LOSS_READ_INTERVAL} (the loss is read from the "
+                              f"device every {LOSS_READ_INTERVAL} steps), or 0 to turn the step log off, "
+                              f"got {self.log_every!r}")
 
     def validate_for_training_set(self, count):
         """ConfigError if `validation` holds out so many of the `count` training images that none is left."""
@@ -317,6 +325,78 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------------
+# the step log: OUT/steps.jsonl
+
+STEP_LOG_NAME = "steps.jsonl"
+
+
+class StepLog:
+    """One JSON line in `path` every `every` steps of an epoch, at the epoch's last step and at Ctrl-C:
+        step               the optimiser steps taken so far in the run (1-based, continues across --resume)
+        epoch              the epoch the line belongs to (1-based, as in metrics.jsonl)
+        loss               the mean training loss over the steps since the previous line of the same epoch
+        lr                 the learning rate of the line's last step
+        images_per_second  over those steps (wall time between the two loss reads)
+
+    It is written only where the loop reads the loss from the device anyway (`every` is a multiple of
+    LOSS_READ_INTERVAL, the epoch's end, Ctrl-C), so it adds no wait to a GPU step. Windows restart at
+    every epoch: the lines of an epoch, each weighted by its steps, average to that epoch's train_loss,
+    and when `every` divides the steps of an epoch their plain mean does."""
+
+    def __init__(self, path, every, batch_size, train_count):
+        self.path, self.every = Path(path), every
+        self.batch_size, self.train_count = batch_size, train_count
+
+    def begin(self, steps_done, loss_sum, now):
+        """Start a window after `steps_done` steps of the epoch, whose losses summed to `loss_sum`."""
+        self.start_steps, self.start_sum, self.start_time = steps_done, loss_sum, now
+
+    def images_after(self, steps_done):
+        return min(steps_done * self.batch_size, self.train_count)     # the epoch's last batch may be partial
+
+    def at_read(self, *, epoch, steps_done, global_step, loss_sum, lr, now, end):
+        """Called at every read of the loss (`loss_sum`: the epoch's so far, on the host); writes a line
+        when the window is `every` steps long or `end` (the epoch's last step, or Ctrl-C) says so."""
+        steps = steps_done - self.start_steps
+        if steps == 0 or not (steps_done % self.every == 0 or end):
+            return
+        record = dict(step=global_step, epoch=epoch + 1, loss=(loss_sum - self.start_sum) / steps, lr=lr,
+                      images_per_second=(self.images_after(steps_done) - self.images_after(self.start_steps))
+                      / max(now - self.start_time, 1e-9))
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        self.begin(steps_done, loss_sum, now)
+
+
+def read_step_log(path):
+    """The records of a steps.jsonl ([] if there is none). A line cut short by a crash while it was
+    being written is skipped: it is the only line such a crash can damage, and it is the last."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def keep_steps_up_to(path, last_step):
+    """Rewrite steps.jsonl without the lines after global step `last_step`: a resumed run repeats the
+    steps its checkpoint does not hold, and their lines would otherwise appear twice."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [record for record in read_step_log(path) if record["step"] <= last_step]
+    text = "".join(json.dumps(record) + "\n" for record in kept)
+    if text != path.read_text():
+        atomic_write_bytes(path, text.encode())
+
+
+# ------------------------------------------------------------------------------------------------
 
 class StopOnInterrupt:
     """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so the
@@ -338,7 +418,7 @@ class StopOnInterrupt:
 
 
 def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step, *, first_step, resume_state,
-                steps_per_epoch, checkpoint_path, history):
+                steps_per_epoch, checkpoint_path, history, step_log=None):
     """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics."""
     xp = get_array_module(data["train_images"])
     randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch)
@@ -350,6 +430,8 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
     progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}", config.batch_size)
     started = shown_at = time.perf_counter()
     shown_sum, shown_step = float(loss_sum), first_step
+    if step_log is not None:
+        step_log.begin(first_step, shown_sum, started)
     for step in range(first_step, steps_per_epoch):     # the learning rate follows optimizer.set_schedule
         batch = order[step * config.batch_size:(step + 1) * config.batch_size]
         images = random_shift(data["train_images"][batch], config.max_shift, randomness.shift)
@@ -369,6 +451,9 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
             progress.update(step + 1 - shown_step, (total - shown_sum) / (step + 1 - shown_step),
                             (step + 1 - shown_step) * config.batch_size / (now - shown_at))
             shown_sum, shown_step, shown_at = total, step + 1, now
+            if step_log is not None:
+                step_log.at_read(epoch=epoch, steps_done=step + 1, global_step=optimizer.step_count, loss_sum=total,
+                                 lr=optimizer.lr, now=now, end=last_step or interrupt.requested)
         if interrupt.requested and not last_step:
             progress.close()
             save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch,
@@ -482,8 +567,18 @@ def run(config, *, log=log_line, on_step=None):
         random_state, history = meta["random_state"], meta["history"]
         log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
     metrics_path = out_dir / "metrics.jsonl"
-    if not config.resume:
+    step_log_path = out_dir / STEP_LOG_NAME
+    if config.resume:
+        keep_steps_up_to(step_log_path, optimizer.step_count)
+    else:
         metrics_path.write_text("")
+        # a fresh run's step log starts empty; with the log off, an older run's would be plotted as this one's
+        if config.log_every:
+            step_log_path.write_text("")
+        else:
+            step_log_path.unlink(missing_ok=True)
+    step_log = (StepLog(step_log_path, config.log_every, config.batch_size, data["train_images"].shape[0])
+                if config.log_every else None)
 
     model.train()
     # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
@@ -496,7 +591,8 @@ def run(config, *, log=log_line, on_step=None):
             record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
                                  first_step=start_step if resuming_here else 0,
                                  resume_state=random_state if resuming_here else None,
-                                 steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history)
+                                 steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history,
+                                 step_log=step_log)
             record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
             record["wall_seconds"] = time.perf_counter() - run_started
             history.append(record)
@@ -511,15 +607,16 @@ def run(config, *, log=log_line, on_step=None):
                 f"({record['images_per_second']:.0f} img/s)")
     if config.plot and history:
         from .plots import write_plots
-        for path in write_plots(out_dir, model, data["test_images"], data["test_labels"], history):
+        for path in write_plots(out_dir, model, data["test_images"], data["test_labels"], history,
+                                steps=read_step_log(step_log_path)):
             log(f"wrote {path}")
     log(f"done in {time.perf_counter() - run_started:.1f}s; metrics in {metrics_path}, checkpoint in {checkpoint_path}")
     return history
 
 
-def evaluate_checkpoint(path, config, *, log=log_line):
-    """Test accuracy of a saved model (always the test set, whatever config.validation says); the
-    checkpoint's model configuration must match `config`'s."""
+def load_for_evaluation(path, config):
+    """(checkpoint meta, model on config's device, data) for evaluating a saved model;
+    the checkpoint's model configuration must match `config`'s."""
     config.validate()
     backend = get_backend(config.device)
     meta, model_state, _ = load_checkpoint(path)
@@ -528,6 +625,46 @@ def evaluate_checkpoint(path, config, *, log=log_line):
     check_same_model(path, meta["model_config"], model.config)
     model.load_state_dict(model_state)
     model.to(backend)
+    return meta, model, data
+
+
+def evaluate_checkpoint(path, config, *, log=log_line):
+    """Test accuracy of a saved model (always the test set, whatever config.validation says); the
+    checkpoint's model configuration must match `config`'s."""
+    meta, model, data = load_for_evaluation(path, config)
     accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size)
     log(f"test accuracy {accuracy:.2%} ({path}, epoch {meta['epoch']})")
     return accuracy
+
+
+EVALUATION_NAME = "evaluation.json"
+
+
+def report_checkpoint(path, config, *, log=log_line):
+    """The evaluation report of a saved model on the test set (report.EvaluationReport), what
+    `train_mnist.py --eval-only` does: logs the test accuracy, then per-class accuracy and the
+    confusion matrix as a table, and writes them to evaluation.json in the checkpoint's folder (with
+    config.plot, also confusion.png and misclassified.png there). Fixed names, like the other files of
+    a run folder; the JSON names the checkpoint and its epoch."""
+    from .report import evaluation_report, write_report_json
+    if config.plot:
+        from .plots import MATPLOTLIB_HINT, matplotlib_available
+        if not matplotlib_available():
+            raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
+    meta, model, data = load_for_evaluation(path, config)
+    report = evaluation_report(model, data["test_images"], data["test_labels"], config.eval_batch_size)
+    log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
+    log(report.table())
+    folder = Path(path).parent
+    json_path = folder / EVALUATION_NAME
+    try:
+        write_report_json(json_path, report, checkpoint=str(path), epoch=meta["epoch"], split="test")
+        log(f"wrote {json_path}")
+        if config.plot:
+            from .plots import write_evaluation_plots
+            for plot_path in write_evaluation_plots(folder, report, data["test_images"]):
+                log(f"wrote {plot_path}")
+    except OSError as error:
+        raise OutputError(f"cannot write the evaluation report into {folder}: "
+                          f"{error.strerror or error}") from None
+    return report

@@ -229,7 +229,7 @@ def test_sigint_mid_epoch_checkpoints_and_resume_repeats_the_uninterrupted_run(r
     assert meta["optimizer_step"] == epoch * RESUME_STEPS + step + 1
     assert len(read_metrics(tmp_path)) == epoch                    # only the finished epochs
     # nothing else: no temporary file of the atomic writer (".checkpoint.npz.*.part") is left behind
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl", "steps.jsonl"]
 
     resumed_steps = []
     history = run(resume_config(resume_dataset, tmp_path, resume=True), log=quiet,
@@ -497,8 +497,9 @@ def test_cli_plot_writes_the_pngs(small_dataset, tmp_path):
     result = cli("--plot", "--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 2, "--batch-size", 16,
                  *TINY_MODEL_ARGS)
     assert result.returncode == 0, result.stderr
-    for name in ("curves.png", "attention.png"):
-        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG"), name
+    for name in ("curves.png", "attention.png", "attention_heads.png"):
+        content = (tmp_path / name).read_bytes()
+        assert content.startswith(b"\x89PNG") and len(content) > 10_000, (name, len(content))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,13 +515,15 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(resume
     run(resume_config(resume_dataset, tmp_path, epochs=1), log=quiet)
     checkpoint = tmp_path / "checkpoint.npz"
     good_checkpoint, good_metrics = checkpoint.read_bytes(), (tmp_path / "metrics.jsonl").read_bytes()
+    good_steps = (tmp_path / "steps.jsonl").read_bytes()
 
     with pytest.raises(NonFiniteLoss, match="loss") as error:
         run(resume_config(resume_dataset, tmp_path, epochs=2, resume=True, **DIVERGING), log=quiet)
     assert str(checkpoint) in str(error.value)
     assert checkpoint.read_bytes() == good_checkpoint
     assert (tmp_path / "metrics.jsonl").read_bytes() == good_metrics
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl"]
+    assert (tmp_path / "steps.jsonl").read_bytes() == good_steps        # no line of NaN loss
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.npz", "metrics.jsonl", "steps.jsonl"]
 
 
 def good_run_then_diverge(dataset, out_dir):

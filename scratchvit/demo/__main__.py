@@ -1,0 +1,70 @@
+"""`python -m scratchvit.demo --checkpoint runs/mnist/checkpoint.npz [--port 8000] [--host 127.0.0.1] [--device cpu|gpu]`
+
+Parses the options, loads the model and serves the page until Ctrl-C. Errors a user can fix are one
+line with a non-zero exit status, as in train_mnist.py: 1 for a checkpoint that is missing, damaged
+or of another model, or a port that cannot be opened; 2 for a bad option, a missing GPU backend or
+a missing Pillow.
+"""
+import argparse
+import sys
+
+from ..backend import BackendUnavailable
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m scratchvit.demo",
+                                     description="Draw a digit in a local web page and watch the ViT read it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_mnist.py")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    # loopback only unless asked: the page has no login, and anyone who reaches it can use the model
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the interface to listen on (0.0.0.0: every interface, reachable from other machines)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    return parser
+
+
+def _error(message, status):
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:       # --help (0) or a bad option (2): return the status instead of exiting
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    if not 0 <= args.port <= 65535:
+        return _error(f"--port must be from 0 to 65535, got {args.port}", 2)
+    from ..predict import load_trained_model
+    from ..train import CheckpointError
+    from .api import Demo
+    from .server import make_server
+    try:
+        model, meta = load_trained_model(args.checkpoint, device=args.device)
+    except BackendUnavailable as error:
+        return _error(error, 2)
+    except CheckpointError as error:
+        return _error(error, 1)
+    try:
+        demo = Demo(model)
+    except ImportError as error:        # the preprocessing's Pillow; its message says what to install
+        return _error(error, 2)
+    try:
+        server = make_server(demo, args.host, args.port, log=(lambda line: None) if args.quiet else None)
+    except OSError as error:
+        return _error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}", 1)
+    with server:
+        print(f"scratchvit demo: {server.url}  (model from {args.checkpoint}; Ctrl-C stops)", flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"note: listening on {args.host}: whoever can reach this port can use the page", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The evaluation report (scratchvit/report.py) and `train_mnist.py --eval-only`, which prints and writes it.
+
+The counting is checked on a stand-in model whose logits the test chooses, against a confusion
+matrix counted by hand in a loop, so a swapped axis, a lost batch or a wrong row sum shows; then on
+a real tiny ViT against `train.evaluate` (the accuracy training prints); then end to end through the
+CLI on the synthetic data of test_train.py, whose labels are 0..3 of 10 classes: classes 4 to 9
+have no test image, the case where per-class accuracy is undefined (NaN in Python, null in JSON).
+"""
+import json
+import math
+
+import numpy
+import pytest
+
+from scratchvit import ViT
+from scratchvit.backend import to_host
+from scratchvit.layers.softmax import softmax_simple
+from scratchvit.report import EvaluationReport, evaluation_report, json_text, write_report_json
+from scratchvit.train import TrainConfig, evaluate, evaluate_checkpoint, report_checkpoint
+from test_train import (CLASSES, HAS_MATPLOTLIB, IMAGE_SIZE, TINY_MODEL, TINY_MODEL_ARGS, assert_one_line_error,
+                        cli, quiet, read_metrics, write_dataset)
+
+
+class LogitsModel:
+    """A stand-in for a ViT: image n (a (1, 1, 1) array holding n) gets row n of `logits`. Records the
+    training mode of every forward, and the batch sizes it saw."""
+
+    def __init__(self, logits):
+        self.logits, self.training, self.modes, self.batches = numpy.asarray(logits), True, [], []
+
+    def forward(self, images):
+        self.modes.append(self.training)
+        self.batches.append(images.shape[0])
+        return self.logits[images[:, 0, 0, 0].astype(int)]
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+
+def index_images(count):
+    return numpy.arange(count, dtype=numpy.float64).reshape(count, 1, 1, 1)
+
+
+def confusion_by_hand(labels, predictions, classes):
+    counts = numpy.zeros((classes, classes), dtype=numpy.int64)
+    for true, predicted in zip(labels, predictions):
+        counts[true, predicted] += 1
+    return counts
+
+
+# 11 images of 4 classes, class 3 absent; the mistakes are not symmetric (a transposed matrix differs)
+LABELS = numpy.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1])
+PREDICTED = numpy.array([0, 1, 0, 1, 1, 2, 0, 2, 3, 0, 1])
+CONFIDENCE = numpy.array([0.9, 0.6, 0.8, 0.7, 0.5, 0.9, 0.95, 0.6, 0.7, 0.4, 0.8])
+
+
+def chosen_logits(predicted=PREDICTED, confidence=CONFIDENCE, classes=4, scale=0.0):
+    """Logits whose softmax gives class predicted[n] probability confidence[n], the rest shared
+    equally; `scale` added to every logit (softmax ignores it; a softmax without the max subtraction
+    overflows at scale 1000)."""
+    probabilities = numpy.tile(((1 - confidence) / (classes - 1))[:, None], (1, classes))
+    probabilities[numpy.arange(len(predicted)), predicted] = confidence
+    return numpy.log(probabilities) + scale
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 11, 500])
+def test_the_report_counts_what_the_logits_say(batch_size):
+    model = LogitsModel(chosen_logits(scale=1000.0))        # large logits: a naive softmax would give NaN
+    report = evaluation_report(model, index_images(len(LABELS)), LABELS, batch_size=batch_size)
+
+    numpy.testing.assert_array_equal(report.predictions, PREDICTED)
+    numpy.testing.assert_array_equal(report.confusion, confusion_by_hand(LABELS, PREDICTED, 4))
+    assert report.confusion[0, 1] == 1 and report.confusion[1, 0] == 0        # rows true, columns predicted
+    assert sum(model.batches) == len(LABELS) and max(model.batches) <= batch_size
+    assert model.modes and not any(model.modes) and model.training            # eval mode, then restored
+    # what the task asks of the matrix: it sums to the set's size, its diagonal is the accuracy
+    assert report.confusion.sum() == len(LABELS)
+    assert report.correct == int((PREDICTED == LABELS).sum()) == 8
+    assert report.accuracy == 8 / 11
+    numpy.testing.assert_array_equal(report.class_images, [4, 3, 4, 0])
+    # per class: the diagonal over the row sums; class 3 has no image, so no accuracy
+    numpy.testing.assert_array_equal(report.per_class_accuracy[:3], [3 / 4, 3 / 3, 2 / 4])
+    assert math.isnan(report.per_class_accuracy[3])
+    # probabilities: the softmax of the logits, each row summing to 1
+    numpy.testing.assert_allclose(report.probabilities, softmax_simple(chosen_logits()), rtol=1e-12)
+    numpy.testing.assert_allclose(report.confidence, CONFIDENCE, rtol=1e-12)
+
+
+def test_mistakes_are_the_wrong_predictions_most_confident_first():
+    report = evaluation_report(LogitsModel(chosen_logits()), index_images(len(LABELS)), LABELS)
+    # the wrong ones: image 1 (0 -> 1, 0.6), 6 (2 -> 0, 0.95), 8 (2 -> 3, 0.7)
+    assert report.mistakes().tolist() == [6, 8, 1]
+    assert report.mistakes(2).tolist() == [6, 8]
+
+
+def test_the_report_of_a_vit_agrees_with_evaluate(backend):
+    """On a real model (either device): the same accuracy as train.evaluate, the same predictions as
+    the argmax of its logits, and probabilities that are the softmax of those logits."""
+    rng = numpy.random.default_rng(3)
+    model = ViT(image_size=IMAGE_SIZE, num_classes=5, dropout=0.2, seed=1, dtype="float64", **TINY_MODEL)
+    model.to(backend)
+    images = backend.asarray(rng.standard_normal((37, 1, IMAGE_SIZE, IMAGE_SIZE)))
+    labels = rng.integers(0, 5, size=37)
+    report = evaluation_report(model, images, backend.asarray(labels), batch_size=10)
+    assert model.training                                                   # its mode restored
+
+    model.eval()
+    logits = to_host(model.forward(images))
+    numpy.testing.assert_array_equal(report.predictions, logits.argmax(axis=1))
+    numpy.testing.assert_allclose(report.probabilities, softmax_simple(logits), rtol=1e-10)
+    numpy.testing.assert_array_equal(report.confusion, confusion_by_hand(labels, logits.argmax(axis=1), 5))
+    assert 0 < report.correct < 37                           # an untrained model: neither none nor all right
+    assert report.accuracy == evaluate(model, images, backend.asarray(labels), batch_size=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# the JSON file and the table
+
+def small_report():
+    return evaluation_report(LogitsModel(chosen_logits()), index_images(len(LABELS)), LABELS)
+
+
+def test_the_json_file_is_valid_json_with_null_for_an_absent_class(tmp_path):
+    path = tmp_path / "evaluation.json"
+    write_report_json(path, small_report(), checkpoint="somewhere.npz", epoch=3, split="test")
+    text = path.read_text()
+    assert "NaN" not in text
+    document = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON file"))
+    assert document["format"] == "scratchvit-evaluation-1"
+    assert (document["checkpoint"], document["epoch"], document["split"]) == ("somewhere.npz", 3, "test")
+    assert (document["images"], document["correct"], document["accuracy"]) == (11, 8, 8 / 11)
+    assert document["class_images"] == [4, 3, 4, 0]
+    assert document["per_class_accuracy"] == [0.75, 1.0, 0.5, None]
+    assert document["confusion_matrix"]["rows"] == "true class"
+    assert document["confusion_matrix"]["counts"] == confusion_by_hand(LABELS, PREDICTED, 4).tolist()
+    assert [mistake["index"] for mistake in document["most_confident_mistakes"]] == [6, 8, 1]
+    assert document["most_confident_mistakes"][0] == dict(index=6, true=2, predicted=0,
+                                                          probability=pytest.approx(0.95, rel=1e-12))
+    # each row of the matrix on its own line: the file reads as a table
+    assert "[1, 0, 2, 1]" in text.splitlines()[text.splitlines().index('  "counts": [') + 3]
+    assert [path.name for path in tmp_path.iterdir()] == ["evaluation.json"]        # no temporary file left
+
+
+def test_json_text_is_json_for_nested_values():
+    value = dict(a=[[1, 2], [3, None]], b={"path": "x{1, 2}[3]", "n": [0.5]}, c=[], d=[dict(i=1)])
+    assert json.loads(json_text(value)) == value
+    with pytest.raises(ValueError):
+        json_text(dict(x=float("nan")))
+
+
+def table_rows(table):
+    """{true class: (counts, images, accuracy text)} from EvaluationReport.table()."""
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells, tail = line.split("|")
+        numbers = cells.split()
+        rows[int(numbers[0])] = ([0 if cell == "." else int(cell) for cell in numbers[1:]],
+                                 int(tail.split()[0]), tail.split()[1])
+    return rows
+
+
+def test_the_table_holds_the_counts_aligned():
+    report = small_report()
+    table = report.table()
+    rows = table_rows(table)
+    assert sorted(rows) == [0, 1, 2, 3]
+    for true, (counts, images, accuracy) in rows.items():
+        assert counts == report.confusion[true].tolist()
+        assert images == report.class_images[true]
+    assert [rows[true][2] for true in range(4)] == ["75.00%", "100.00%", "50.00%", "-"]
+    lines = table.splitlines()[1:]
+    assert len({len(line) for line in lines}) == 1, table                   # aligned: every row as wide
+    assert len({line.index("|") for line in lines}) == 1, table
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: --eval-only
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "report", train_count=256, test_count=100, seed=4)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """A run folder after 3 epochs of the tiny model: the accuracy is high but not perfect."""
+    out_dir = tmp_path_factory.mktemp("report") / "run"
+    result = cli("--data-dir", dataset, "--out-dir", out_dir, "--epochs", 3, "--batch-size", 32, "--lr", "1e-2",
+                 *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    return out_dir
+
+
+def test_cli_eval_only_prints_the_report_and_writes_it_as_json(dataset, trained):
+    checkpoint = trained / "checkpoint.npz"
+    result = cli("--data-dir", dataset, "--eval-only", "--checkpoint", checkpoint, *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    accuracy = read_metrics(trained)[-1]["test_accuracy"]
+    assert f"test accuracy {accuracy:.2%}" in result.stdout                  # the line training printed
+
+    document = json.loads((trained / "evaluation.json").read_text())
+    counts = numpy.array(document["confusion_matrix"]["counts"])
+    assert counts.shape == (10, 10)                       # the model's 10 outputs, of which 4 are used
+    assert counts.sum() == document["images"] == 100
+    assert numpy.trace(counts) == document["correct"] and document["accuracy"] == accuracy
+    assert document["class_images"] == counts.sum(axis=1).tolist()
+    for true in range(10):
+        expected = counts[true, true] / counts[true].sum() if counts[true].sum() else None
+        assert document["per_class_accuracy"][true] == expected
+    assert document["per_class_accuracy"][CLASSES:] == [None] * (10 - CLASSES)
+    assert document["checkpoint"] == str(checkpoint) and document["epoch"] == 3
+
+    # the printed table: the same counts, in the same places
+    lines = result.stdout.splitlines()
+    start = next(index for index, line in enumerate(lines) if line.startswith("confusion matrix"))
+    rows = table_rows("\n".join(lines[start:start + 12]))
+    assert [rows[true][0] for true in range(10)] == counts.tolist()
+    assert "evaluation.json" in result.stdout
+
+
+def test_report_checkpoint_from_python_matches_evaluate_checkpoint(dataset, trained, tmp_path):
+    """The report is callable from Python, writes beside the checkpoint wherever that is, and its
+    accuracy is evaluate_checkpoint's."""
+    checkpoint = tmp_path / "copy" / "model.npz"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes((trained / "checkpoint.npz").read_bytes())
+    config = TrainConfig(data_dir=str(dataset), **TINY_MODEL)
+    lines = []
+    report = report_checkpoint(checkpoint, config, log=lines.append)
+    assert isinstance(report, EvaluationReport)
+    assert report.accuracy == evaluate_checkpoint(checkpoint, config, log=quiet)
+    assert report.table() in lines
+    assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["evaluation.json", "model.npz"]
+    assert json.loads((checkpoint.parent / "evaluation.json").read_text())["correct"] == report.correct
+
+
+def test_cli_eval_only_that_cannot_write_its_report_is_a_one_line_error(dataset, trained, tmp_path):
+    """A folder named evaluation.json stands where the file goes (works as root, unlike permissions)."""
+    (tmp_path / "checkpoint.npz").write_bytes((trained / "checkpoint.npz").read_bytes())
+    (tmp_path / "evaluation.json").mkdir()
+    result = cli("--data-dir", dataset, "--eval-only", "--checkpoint", tmp_path / "checkpoint.npz", *TINY_MODEL_ARGS)
+    assert_one_line_error(result, 1, "evaluation report", str(tmp_path))
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
+def test_cli_eval_only_plot_writes_the_confusion_and_mistakes_pngs(dataset, trained, tmp_path):
+    (tmp_path / "checkpoint.npz").write_bytes((trained / "checkpoint.npz").read_bytes())
+    result = cli("--data-dir", dataset, "--eval-only", "--plot", "--checkpoint", tmp_path / "checkpoint.npz",
+                 *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    for name in ("confusion.png", "misclassified.png"):
+        content = (tmp_path / name).read_bytes()
+        assert content.startswith(b"\x89PNG") and len(content) > 10_000, name
+        assert f"wrote {tmp_path / name}" in result.stdout
+
+
+@pytest.mark.skipif(HAS_MATPLOTLIB, reason="matplotlib is installed: the test above covers --eval-only --plot")
+def test_cli_eval_only_plot_without_matplotlib_says_how_to_install_it(dataset, trained, tmp_path):
+    (tmp_path / "checkpoint.npz").write_bytes((trained / "checkpoint.npz").read_bytes())
+    result = cli("--data-dir", dataset, "--eval-only", "--plot", "--checkpoint", tmp_path / "checkpoint.npz",
+                 *TINY_MODEL_ARGS)
+    assert_one_line_error(result, 2, "matplotlib", "pip install")
+    assert not (tmp_path / "evaluation.json").exists()                     # refused before evaluating
