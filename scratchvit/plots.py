@@ -172,18 +172,25 @@ def curves_figure(history, steps=()):
     return figure
 
 
+def _image_grid(plt, count, *, width, height, title_room, columns=8):
+    """A figure of `count` image cells, up to `columns` a row, every axis off; returns (figure, the first
+    `count` axes in reading order). width and height are one cell's size in inches."""
+    columns = min(columns, count)
+    rows = (count + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + title_room), squeeze=False)
+    cells = list(host.ravel(axes))
+    for axes_one in cells:
+        axes_one.axis("off")
+    return figure, cells[:count]
+
+
 def rollout_figure(model, images, labels):
     """The attention rollout over each image, titled with its true and predicted class (red when wrong)."""
     plt = _pyplot()
     maps, predictions = attention_rollout(model, images)
     pixels, labels = to_host(images)[:, 0], to_host(labels)
-    columns = min(8, len(maps))
-    rows = (len(maps) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.6 * rows + 0.4), squeeze=False)
-    for index, axes_one in enumerate(host.ravel(axes)):
-        axes_one.axis("off")
-        if index >= len(maps):
-            continue
+    figure, cells = _image_grid(plt, len(maps), width=2, height=2.6, title_room=0.4)
+    for index, axes_one in enumerate(cells):
         _overlay(axes_one, pixels[index], maps[index])
         axes_one.set_title(f"true {labels[index]}, pred {predictions[index]}",
                            color="black" if labels[index] == predictions[index] else "red", fontsize=9)
@@ -287,13 +294,8 @@ def mistakes_figure(report, images, count=24):
         axes.text(0.5, 0.5, f"no mistakes on {report.images} images", ha="center", va="center")
         return figure
     pixels = to_host(images[get_array_module(images).asarray(mistakes)])[:, 0]    # only these leave the device
-    columns = min(8, len(mistakes))
-    rows = (len(mistakes) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.95 * rows + 0.5), squeeze=False)
-    for slot, axes_one in enumerate(host.ravel(axes)):
-        axes_one.axis("off")
-        if slot >= len(mistakes):
-            continue
+    figure, cells = _image_grid(plt, len(mistakes), width=1.6, height=1.95, title_room=0.5)
+    for slot, axes_one in enumerate(cells):
         index = mistakes[slot]
         axes_one.imshow(pixels[slot], cmap="gray")
         axes_one.set_title(f"true {report.labels[index]} → {report.predictions[index]}\n"

@@ -473,6 +473,14 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
 
 
+def check_plot_dependency(config):
+    """ConfigError before any work when config.plot asks for plots and matplotlib is missing."""
+    if config.plot:
+        from .plots import MATPLOTLIB_HINT, matplotlib_available
+        if not matplotlib_available():
+            raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
+
+
 def make_output_folder(out_dir):
     """Create `out_dir` (and its parents) and check that it can be written to, or OutputError:
     called before the data are loaded, so a bad --out-dir costs no loading and no training."""
@@ -542,10 +550,7 @@ def run(config, *, log=log_line, on_step=None):
         keep_freed_host_memory()
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.npz"
-    if config.plot:
-        from .plots import MATPLOTLIB_HINT, matplotlib_available
-        if not matplotlib_available():
-            raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
+    check_plot_dependency(config)
     make_output_folder(out_dir)
     data = load_data(config, backend)
     config.validate_for_images(data["image_size"])
@@ -647,10 +652,7 @@ def report_checkpoint(path, config, *, log=log_line):
     config.plot, also confusion.png and misclassified.png there). Fixed names, like the other files of
     a run folder; the JSON names the checkpoint and its epoch."""
     from .report import evaluation_report, write_report_json
-    if config.plot:
-        from .plots import MATPLOTLIB_HINT, matplotlib_available
-        if not matplotlib_available():
-            raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
+    check_plot_dependency(config)
     meta, model, data = load_for_evaluation(path, config)
     report = evaluation_report(model, data["test_images"], data["test_labels"], config.eval_batch_size)
     log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
