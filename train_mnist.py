@@ -10,16 +10,27 @@ written first).
 Recipes (scratchvit/recipes.py): `--device gpu` trains with the GPU recipe (batch 512 and the schedule
 that goes with it), the CPU with the CPU recipe; `--recipe` names one explicitly, and an option given
 on the command line always wins over the recipe's value.
+
+Under mpiexec (`mpiexec -n 4 python train_mnist.py ...`) every process runs this script and trains
+data-parallel (scratchvit/distributed.py); rank 0 alone prints and writes. An error on any rank ends
+the whole job, never a hang: that rank prints its one line, prefixed with the rank, and MPI_Abort
+ends every process with the exit status above (mpiexec passes it on). Ctrl-C stops every rank at the
+same step, rank 0 writes the checkpoint, and all exit with 130.
 """
 import argparse
 import dataclasses
 import sys
+import traceback
 
 from scratchvit.backend import BackendUnavailable
 from scratchvit.data import DataError
-from scratchvit.recipes import RECIPES
+from scratchvit.distributed import DistributedError, world
+from scratchvit.recipes import RECIPES, SUMMARIES
 from scratchvit.train import (LOSS_READ_INTERVAL, CheckpointError, ConfigError, NonFiniteLoss, OutputError,
-                              TrainConfig, report_checkpoint, run)
+                              TrainConfig, TrainingInterrupted, report_checkpoint, run)
+
+
+RECIPE_OPTIONS = {name for options in RECIPES.values() for name in options}
 
 
 def recipe_default(name, text=""):
@@ -28,34 +39,50 @@ def recipe_default(name, text=""):
     return f"{text} ({values})".strip()
 
 
+def add_option(parser, flag, text=None, **kwargs):
+    """An option of TrainConfig. One that a recipe sets is left out of the parsed arguments unless it
+    is given (the recipe then decides), and its help lists each recipe's value."""
+    name = flag[2:].replace("-", "_")
+    if name in RECIPE_OPTIONS:
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=recipe_default(name, text or ""), **kwargs)
+    else:
+        parser.add_argument(flag, default=getattr(TrainConfig, name), help=text, **kwargs)
+
+
 def build_parser():
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description="Train a Vision Transformer on MNIST with scratchvit.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default=defaults.device)
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
-                        help="a set of training options (scratchvit/recipes.py); default: the device's. "
-                             "Options given here win over the recipe's")
-    # an option a recipe may set is left out of the parsed arguments unless given: then the recipe decides
-    parser.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help=recipe_default("epochs"))
-    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help=recipe_default("batch_size"))
-    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=recipe_default("lr", "peak learning rate"))
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=argparse.SUPPRESS, help=recipe_default("warmup_epochs"))
-    parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm, help="0 disables clipping")
-    parser.add_argument("--max-shift", type=int, default=defaults.max_shift,
-                        help="random shift augmentation in pixels, below the image size (0 disables it)")
+    parser.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS,
+                        help="a set of training options (scratchvit/recipes.py): "
+                             + "; ".join(f"{name}: {summary}" for name, summary in SUMMARIES.items())
+                             + ". Each option below lists its value in each recipe. Default: the device's "
+                               "(gpu with --device gpu, else cpu); options given here win over the recipe's")
+    add_option(parser, "--epochs", type=int)
+    add_option(parser, "--batch-size", type=int)
+    add_option(parser, "--lr", "peak learning rate", type=float)
+    add_option(parser, "--weight-decay", type=float)
+    add_option(parser, "--warmup-epochs", type=float)
+    add_option(parser, "--label-smoothing", type=float)
+    add_option(parser, "--clip-grad-norm", "0 disables clipping", type=float)
+    add_option(parser, "--ema-decay", "evaluate (and keep in the checkpoint for predictions) an exponential moving "
+                                      "average of the weights with this decay per step, e.g. 0.999; 0: off", type=float)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="CPU threads for the data-parallel training step (default: one per core)")
+                        help="CPU threads for the data-parallel training step (default: one per core; under "
+                             "mpiexec, the rank's share of its node's cores)")
+    augmentation = parser.add_argument_group("augmentation (per image, random: an affine transform, then a shift)")
+    add_option(augmentation, "--rotation", "degrees: uniform in [-R, R]", type=float, metavar="R")
+    add_option(augmentation, "--scale", "scale uniform in [1 - S, 1 + S]", type=float, metavar="S")
+    add_option(augmentation, "--shear", "degrees: uniform in [-S, S]", type=float, metavar="S")
+    add_option(augmentation, "--translate", "fraction of the image size: uniform in [-T, T] in each direction",
+               type=float, metavar="T")
+    add_option(augmentation, "--max-shift", "shift by whole pixels, below the image size (0 disables it)", type=int)
     model = parser.add_argument_group("model")
-    model.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    model.add_argument("--dim", type=int, default=defaults.dim)
-    model.add_argument("--depth", type=int, default=defaults.depth)
-    model.add_argument("--heads", type=int, default=defaults.heads)
-    model.add_argument("--mlp-dim", type=int, default=defaults.mlp_dim)
-    model.add_argument("--dropout", type=float, default=defaults.dropout)
+    for flag in ("--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"):
+        add_option(model, flag, type=int)
+    add_option(model, "--dropout", type=float)
     parser.add_argument("--data-dir", default=defaults.data_dir,
                         help="folder holding the four MNIST IDX files (.gz or not); default: download to the cache")
     parser.add_argument("--out-dir", default=defaults.out_dir, help="where metrics.jsonl, checkpoint.npz and plots go")
@@ -67,9 +94,8 @@ def build_parser():
                              "the test set. Split off before --train-limit: on MNIST's 60,000 training images, "
                              "--validation 5000 --train-limit 20000 trains on the first 20,000 of the first 55,000 "
                              "and validates on the last 5,000. 0: off. --resume needs the same N")
-    parser.add_argument("--eval-batch-size", type=int, default=argparse.SUPPRESS,
-                        help=recipe_default("eval_batch_size",
-                                            "images per forward pass when measuring test (and validation) accuracy"))
+    add_option(parser, "--eval-batch-size", "images per forward pass when measuring test (and validation) accuracy",
+               type=int)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--log-every", type=int, default=defaults.log_every, metavar="N",
                         help=f"write a line to OUT/steps.jsonl every N steps (step, epoch, mean loss since the "
@@ -100,19 +126,36 @@ def main(argv=None):
         parser.error("--eval-only needs --checkpoint PATH")
     config = config_from_args(args)
     try:
-        if args.eval_only:
-            report_checkpoint(args.checkpoint, config)
-        else:
-            run(config)
-    except (BackendUnavailable, ConfigError) as error:
+        communicator = world()          # this process alone, unless mpiexec started it with others
+    except DistributedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # communicator.fail: print the one line and return the status; under MPI, with the rank, then MPI_Abort
+    try:
+        if args.eval_only:
+            if communicator.is_root:    # one evaluation report, not one per rank
+                report_checkpoint(args.checkpoint, config)
+        else:
+            run(config, communicator=communicator)
+    except (BackendUnavailable, ConfigError, DistributedError) as error:
+        return communicator.fail(f"error: {error}", 2)
     except (DataError, CheckpointError, OutputError, NonFiniteLoss) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interrupt:
-        print(str(interrupt) or "interrupted", file=sys.stderr)
+        return communicator.fail(f"error: {error}", 1)
+    except TrainingInterrupted as interrupt:
+        # every rank stopped at the same step and the checkpoint is written: an orderly end, said once
+        if communicator.is_root:
+            print(str(interrupt), file=sys.stderr)
         return 130
+    except KeyboardInterrupt as interrupt:        # Ctrl-C outside training (loading, evaluating at the end)
+        return communicator.fail(str(interrupt) or "interrupted", 130)
+    except Exception as error:
+        if communicator.size == 1:                # one process: a bug keeps its traceback, as before
+            raise
+        # under MPI the job must end here, or the other ranks wait for this one for ever. Out of memory
+        # (MemoryError; CuPy's OutOfMemoryError is one) is one line; anything else, a bug, keeps its traceback
+        if not isinstance(error, MemoryError):
+            traceback.print_exc()
+        return communicator.fail(f"error: {type(error).__name__}: {' '.join(str(error).split())}", 1)
     return 0
 
 

@@ -143,9 +143,17 @@ def limit_blas_to_one_thread_here():
     Worker threads that each compute on part of a batch call this, so that two workers on two cores
     do not each start a BLAS thread pool of two (four busy threads on two cores is far slower).
     """
+    limit_blas_threads_here(1)
+
+
+def limit_blas_threads_here(count):
+    """Make BLAS calls from the calling thread use at most `count` threads (other threads keep theirs).
+
+    An MPI rank calls this on its main thread with its share of the node's cores (distributed.py), so
+    that two ranks on two cores do not each run a BLAS pool as wide as the machine."""
     if not can_limit_blas_threads():
         raise RuntimeError("this NumPy's BLAS cannot limit its threads per calling thread")
-    _blas_thread_limiter[0](1)
+    _blas_thread_limiter[0](int(count))
 
 
 _kernel_check = {}   # {"cupy": the module checked, "failure": None or the one-line reason}: one check per process

@@ -64,6 +64,18 @@ single-thread comparison (NumPy's BLAS reads its own thread count from the envir
 
     OPENBLAS_NUM_THREADS=1 python -m scratchvit.bench --compare-torch --threads 1
 
+Across processes (MPI, scratchvit/distributed.py): under `mpiexec -n N python -m scratchvit.bench`
+every rank runs the benchmark; --batch-size stays the global batch, each rank trains on its shard
+and the step includes the Allreduce of the gradients. Threads per rank default to the rank's share
+of its node's cores (2 ranks on 2 cores: one thread each). Rank 0 prints; images per second are
+those of the whole job (global batch / median step), and the report adds the time spent in the
+gradient exchange per step (host clock on the CPU, CUDA events around it on the GPU; it includes
+waiting for the slowest rank) and its share of the step. --compare-torch and the launch count run
+in one process only. To compare 2 ranks x 1 thread with 1 rank x 2 threads:
+
+    mpiexec -n 2 python -m scratchvit.bench --steps 60
+    python -m scratchvit.bench --steps 60 --threads 2
+
 Examples
     python -m scratchvit.bench                                  # CPU, the MNIST model at batch 128
     python -m scratchvit.bench --compare-torch --steps 60       # and the same ViT in PyTorch
@@ -79,6 +91,9 @@ JSON report (--json): one object with
   CUDA runtime), `nvidia_driver` (the kernel module's version from /proc/driver/nvidia/version, or
   null); with torch: `torch`, `torch_threads`, and on the GPU `torch_cuda` (the CUDA torch was built
   with);
+- `mpi` (under mpiexec, else null): `ranks`, `nodes`, `threads_per_rank`, `library`, `exchange`
+  (mpi, cuda-aware-mpi, nccl or host-staged), `exchange_median_ms`, `exchange_q1_ms`, `exchange_q3_ms`,
+  `exchange_share` (exchange median / step median);
 - `results`: one object per library ("scratchvit", "torch") with `library`, `label`, `median_ms`,
   `min_ms`, `max_ms`, `q1_ms`, `q3_ms`, `iqr_ms`, `img_per_s` (images per second at the median),
   `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
@@ -102,6 +117,7 @@ import tracemalloc
 import numpy
 
 from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
+from .distributed import SINGLE_PROCESS, DistributedError, world
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW
 from .train import TrainConfig, parameter_groups
@@ -368,9 +384,46 @@ class Runner:
         self.times_ms += self.clock.time(self.step, count)
 
 
-def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None):
+class TimedExchange:
+    """A communicator's gradient exchange, timed while `recording`: the host clock around the call on the
+    CPU (the Allreduce blocks), CUDA events before and after it on the GPU (NCCL only queues work)."""
+
+    def __init__(self, exchange, backend):
+        self.exchange, self.backend, self.name = exchange, backend, exchange.name
+        self.recording, self.times_ms, self.events = False, [], []
+
+    def __call__(self, array):
+        if not self.recording:
+            return self.exchange(array)
+        if self.backend.name == "gpu":
+            start, end = self.backend.xp.cuda.Event(), self.backend.xp.cuda.Event()
+            start.record()
+            self.exchange(array)
+            end.record()
+            self.events.append((start, end))
+        else:
+            started = time.perf_counter()
+            self.exchange(array)
+            self.times_ms.append((time.perf_counter() - started) * 1e3)
+
+    def collected_ms(self):
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.times_ms += [float(self.backend.xp.cuda.get_elapsed_time(start, end)) for start, end in self.events]
+            self.events = []
+        return self.times_ms
+
+
+def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=None, communicator=SINGLE_PROCESS):
     optimizer = AdamW(parameter_groups(model, TRAINING.weight_decay), lr=TRAINING.lr)
-    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None, threads=threads)
+    if threads is None:
+        threads = communicator.default_threads()
+    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), clip_grad_norm or None, threads=threads,
+                           communicator=communicator)
+    exchange_timer = None
+    if communicator.size > 1:
+        communicator.prepare_exchange(backend)
+        exchange_timer = communicator.exchange = TimedExchange(communicator.exchange, backend)
     images, labels = backend.asarray(images), backend.asarray(labels)
     xp = backend.xp
     if backend.name == "gpu":
@@ -396,6 +449,7 @@ def scratchvit_runner(model, backend, images, labels, clip_grad_norm, threads=No
 
     runner.measure_memory = measure_memory
     runner.threads = train_step.threads
+    runner.exchange_timer = exchange_timer
     return runner
 
 
@@ -666,7 +720,15 @@ def format_table(report):
     if "torch" in m:
         machine += f"; torch {m['torch']} ({m['torch_threads']} threads)"
     lines.append(machine)
-    lines.append(f"scratchvit step threads: {report['scratchvit_threads']}")
+    mpi = report.get("mpi")
+    if mpi:
+        lines.append(f"MPI: {mpi['ranks']} ranks on {mpi['nodes']} node(s) x {mpi['threads_per_rank']} thread(s) each "
+                     f"({mpi['library']}); batch {c['batch_size']} split over the ranks; img/s of the whole job")
+        lines.append(f"gradient exchange ({mpi['exchange']}): median {mpi['exchange_median_ms']:.2f} ms per step "
+                     f"(IQR {mpi['exchange_q1_ms']:.2f}-{mpi['exchange_q3_ms']:.2f}), "
+                     f"{mpi['exchange_share']:.1%} of the step")
+    else:
+        lines.append(f"scratchvit step threads: {report['scratchvit_threads']}")
     lines.append(f"timing {t['clock']}: {t['steps']} steps per library after {t['warmup']} warm-up"
                  + (f", in {t['rounds']} alternating blocks" if len(report["results"]) > 1 else ""))
     results = list(report["results"].values())
@@ -697,8 +759,11 @@ def _split(total, parts):
     return [base + (index < extra) for index in range(parts)]
 
 
-def _error(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
+def _error(message, code=2, communicator=SINGLE_PROCESS):
+    """Print `message` as one line (once: from rank 0 under MPI) and return the exit status `code`.
+    For errors every rank meets alike (options, torch under mpiexec); the others end the job (fail)."""
+    if communicator.is_root:
+        print(f"error: {message}", file=sys.stderr)
     return code
 
 
@@ -712,8 +777,21 @@ def main(argv=None):
     if problem:
         return _error(problem)
     try:
+        communicator = world()        # this process alone, unless mpiexec started it with others
+    except DistributedError as error:
+        return _error(error)
+    if communicator.size > 1 and args.compare_torch:
+        return _error("--compare-torch times PyTorch in one process: run it without mpiexec", communicator=communicator)
+    if communicator.size > 1 and args.batch_size < communicator.size:
+        return _error(f"--batch-size must be at least the number of MPI ranks ({communicator.size}): it is the "
+                      f"global batch, split over the ranks; got {args.batch_size}", communicator=communicator)
+    if args.device == "gpu":
+        communicator.select_gpu()     # one GPU per rank
+    try:
         backend = get_backend(args.device)
     except BackendUnavailable as error:
+        if communicator.size > 1:     # it may fail on one rank only (one node without a GPU): end the job
+            return communicator.fail(f"error: {error}", 2)
         return _error(error)
     if backend.name == "cpu":
         keep_freed_host_memory()      # as the training loop does: see its docstring
@@ -735,20 +813,21 @@ def main(argv=None):
     try:
         if torch is not None and args.threads:
             torch.set_num_threads(args.threads)
-        return _run(args, backend, config, model, torch)
+        return _run(args, backend, config, model, torch, communicator)
     finally:
         if torch is not None:
             torch.set_num_threads(previous_threads)
 
 
-def _run(args, backend, config, model, torch):
+def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
     rng = numpy.random.default_rng(args.seed + 1)
     images = rng.standard_normal((args.batch_size, args.channels, args.image_size, args.image_size)).astype(args.dtype)
     labels = rng.integers(0, args.num_classes, args.batch_size)
     initial_state = model.state_dict()
     model.to(backend)
     model.train()
-    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads)]
+    runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads, communicator)]
+    exchange_timer = runners[0].exchange_timer
     if torch is not None:
         runners.append(torch_runner(torch, config, initial_state, args, images, labels))
         if runners[1].parameters != runners[0].parameters:
@@ -757,13 +836,21 @@ def _run(args, backend, config, model, torch):
 
     for runner in runners:
         runner.warm_up(args.warmup)
+    if communicator.size > 1 and runners[0].first_loss is not None:
+        runners[0].first_loss = communicator.sum(runners[0].first_loss)    # each rank's share of the batch's loss
     rounds = min(args.repeats, args.steps)
+    if exchange_timer is not None:
+        exchange_timer.recording = True
     for index, count in enumerate(_split(args.steps, rounds)):
         for runner in (runners if index % 2 == 0 else runners[::-1]):
             runner.measure(count)
+    if exchange_timer is not None:
+        exchange_timer.recording = False
     for runner in runners:
         runner.memory = runner.measure_memory()
     counting_torch, reason = torch_for_launch_counting(args.device, torch)
+    if communicator.size > 1 and counting_torch is not None:
+        counting_torch, reason = None, "not counted under mpiexec: run the benchmark in one process for it"
     for runner in runners:             # after the timed steps and the memory figures: one more step each
         runner.launches = count_launches(runner, counting_torch, reason)
 
@@ -786,9 +873,23 @@ def _run(args, backend, config, model, torch):
         machine=machine_info(backend, torch or counting_torch),
         results=results,
         scratchvit_threads=runners[0].threads,
-        ratio=ratio)
-    print(json.dumps(report) if args.json else format_table(report))
+        ratio=ratio,
+        mpi=mpi_report(communicator, runners[0], exchange_timer))
+    if communicator.is_root:
+        print(json.dumps(report) if args.json else format_table(report))
     return 0
+
+
+def mpi_report(communicator, runner, exchange_timer):
+    """The MPI part of the report (None in one process): ranks, threads and the gradient exchange's time."""
+    if communicator.size == 1:
+        return None
+    exchange = numpy.asarray(exchange_timer.collected_ms(), dtype=float)
+    q1, median, q3 = numpy.percentile(exchange, [25, 50, 75])
+    step_median = float(numpy.median(runner.times_ms))
+    return dict(ranks=communicator.size, nodes=communicator.nodes, threads_per_rank=runner.threads,
+                library=communicator.library(), exchange=exchange_timer.name, exchange_median_ms=float(median),
+                exchange_q1_ms=float(q1), exchange_q3_ms=float(q3), exchange_share=float(median) / step_median)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ itself never crashes.
 4. equivalence: `python -m scratchvit.equivalence --json`. The same 10 training steps on the CPU and the
    GPU, in float64 and float32, from identical weights and batches. Every loss, parameter and the final
    logits must agree within the tolerances in scratchvit/equivalence.py.
-5. bench-512, bench-2048: `python -m scratchvit.bench --device gpu --batch-size N --compare-torch --json`.
-   One training step timed with CUDA events, against the same ViT in PyTorch eager. Where torch
+5. bench-512, bench-2048: `python -m scratchvit.bench --device gpu --batch-size N --patch-size 4 --compare-torch
+   --json` (the GPU recipe's model). One training step timed with CUDA events, against the same ViT in PyTorch eager. Where torch
    does not import, scratchvit is timed alone and the stage fails, saying so.
 6. train: `python train_mnist.py --device gpu --data-dir DIR --out-dir OUT/train`, with the GPU recipe
    (scratchvit/recipes.py). The figures come from OUT/train/metrics.jsonl. Reaching 99% test accuracy is
@@ -90,6 +90,7 @@ import time
 from pathlib import Path
 
 from .bench import cpu_name
+from .recipes import RECIPES
 from .data import MNIST_FILES, file_list
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -429,6 +430,8 @@ def build_stages(data_dir, out_dir, *, dry_run, python=None, torch_importable=No
         bench = [python, "-m", "scratchvit.bench", "--device", device, "--batch-size", str(batch_size)]
         if dry_run:
             bench += DRY_RUN_MODEL + ["--steps", "2", "--warmup", "1", "--repeats", "1"]
+        else:                       # the model the GPU recipe trains (the CPU defaults have another patch size)
+            bench += ["--patch-size", str(RECIPES["gpu"]["patch_size"])]
         if torch_importable:        # without torch, a GPU run still times scratchvit, and judge_bench fails the stage
             bench.append("--compare-torch")
         stages.append(Stage(f"bench-{batch_size}", "bench", bench + ["--json"], *limits["bench"],

@@ -43,7 +43,7 @@ def load_trained_model(path, device="cpu"):
     preprocess.py makes them. BackendUnavailable for "gpu" where CuPy cannot run.
     """
     backend = get_backend(device)          # first: a missing GPU backend is a usage problem, whatever the file
-    meta, model_state, _ = load_checkpoint(path)
+    meta, model_state, _ = load_checkpoint(path, averaged=True)
     config = meta.get("model_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: checkpoint holds no model configuration")

@@ -6,23 +6,36 @@ stays on the device and is read every `LOSS_READ_INTERVAL` steps, so a GPU step 
 without waiting for it.
 
 Around it (`run`):
-- the data set is uploaded to the device once; each batch is gathered there and shifted by up to
-  ±2 pixels (`random_shift`), batched;
+- the data set is uploaded to the device once; each batch is gathered there and augmented, batched:
+  a random affine transform (rotation, scale, shear, translation: affine.py, off by default), then
+  a random shift of whole pixels (±2 by default: data.random_shift);
 - AdamW with decoupled weight decay on the weight matrices only (not biases, LayerNorm
   parameters, the CLS token or the position embeddings), a linear warmup then cosine decay of
   the learning rate, updated every step;
+- with `ema_decay` > 0, an exponential moving average of the weights (weight_average.py), updated
+  after every step; evaluation, plots, the checkpoint's evaluated weights and predictions use it
+  (with a validation split, metrics.jsonl also records the trained weights' validation accuracy,
+  so whether the average pays is measured where settings are chosen);
 - after every epoch: test accuracy in eval mode (and, with `validation` N > 0, the accuracy on the
   last N training images, held out of training: settings are chosen on those, never on the test
   set), one JSON line in OUT/metrics.jsonl, and a checkpoint written atomically to
   OUT/checkpoint.npz (model, optimiser, random state, epoch, configuration);
 - every `log_every` steps, one JSON line in OUT/steps.jsonl (`StepLog`), written at the loss reads
   the loop makes anyway;
-- randomness: the shuffle, the shifts and dropout of epoch e draw from generators seeded by
+- randomness: the shuffle, the augmentation and dropout of epoch e draw from generators seeded by
   (seed, e), and a checkpoint saves the generators' states (on the CPU), so a resumed run repeats
   an uninterrupted one exactly, even from a checkpoint written by Ctrl-C in the middle of an epoch;
 - a non-finite loss stops the run with `NonFiniteLoss` before any checkpoint is written, so the
-  last good checkpoint survives.
+  last good checkpoint survives;
+- under mpiexec, data-parallel over processes (distributed.py): every rank holds the data and a
+  replica, draws the same shuffle and augments the same whole batch, TrainStep trains each rank on its
+  shard and sums the gradients with one Allreduce; the loss is summed over the ranks at the loss
+  reads, and the ranks agree there whether Ctrl-C came; each rank evaluates a slice of the test (and
+  validation) images and the correct counts are summed; rank 0 alone logs and writes files. The
+  checkpoint holds nothing that depends on the number of ranks (the loss so far is the job's, the
+  augmentation generator is shared), so a checkpoint written by N ranks resumes under M.
 """
+import contextlib
 import dataclasses
 import io
 import json
@@ -37,12 +50,15 @@ import zlib
 from pathlib import Path
 
 from .backend import get_array_module, get_backend, host, host_generator, keep_freed_host_memory, random_generator
+from .affine import random_affine
 from .data import DataError, atomic_write_bytes, load_mnist, normalize, random_shift
+from .distributed import SINGLE_PROCESS, world
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
 from .recipes import recipe_for_device, recipe_options
 from .train_step import TrainStep
 from .vit import ViT
+from .weight_average import WeightAverage
 
 LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
 
@@ -50,13 +66,13 @@ LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
 @dataclasses.dataclass
 class TrainConfig:
     device: str = "cpu"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     seed: int = 0
-    patch_size: int = 4
+    patch_size: int = 7
     dim: int = 64
     depth: int = 6
     heads: int = 4
@@ -65,6 +81,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_grad_norm: float = 1.0
     max_shift: int = 2
+    rotation: float = 0.0        # random affine augmentation (affine.py): degrees, ±
+    scale: float = 0.0           # scale in [1 - scale, 1 + scale]
+    shear: float = 0.0           # degrees, ±
+    translate: float = 0.0       # a fraction of the image size, ±, in each direction
+    ema_decay: float = 0.998     # evaluate an exponential moving average of the weights (0: off)
     data_dir: str = None
     out_dir: str = "runs/mnist"
     train_limit: int = None
@@ -90,7 +111,8 @@ class TrainConfig:
     def validate(self):
         """ConfigError naming the first option that cannot work (model options are checked by build_model)."""
         positive = ("epochs", "batch_size", "eval_batch_size")
-        non_negative = ("weight_decay", "warmup_epochs", "clip_grad_norm", "max_shift")
+        non_negative = ("weight_decay", "warmup_epochs", "clip_grad_norm", "max_shift", "rotation", "scale", "shear",
+                        "translate")
         for name in positive:
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -106,6 +128,11 @@ class TrainConfig:
                               f"got {self.validation!r}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"train_limit must be a positive number of images, got {self.train_limit!r}")
+        for name, upper in (("rotation", 180), ("scale", 1), ("shear", 90), ("translate", 1)):
+            if not getattr(self, name) < upper:
+                raise ConfigError(f"{name} must be below {upper}, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 turns the weight average off), got {self.ema_decay!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         # the step log is written when the loop reads the loss anyway; any other step would make a GPU step wait
@@ -160,11 +187,18 @@ def parameter_groups(model, weight_decay):
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
 
 
-def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None):
+def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None, communicator=None):
     """Accuracy (a float in [0, 1]) in eval mode; restores each model's mode.
 
     With `replicas` (copies sharing the model's weights, as TrainStep keeps) and a thread `pool`,
-    model k evaluates batches k, k + M, k + 2M, ... in its own thread (M models in all)."""
+    model k evaluates batches k, k + M, k + 2M, ... in its own thread (M models in all). With an MPI
+    `communicator` (distributed.py; collective), each rank evaluates its contiguous slice of the
+    images and the correct counts, integers, are summed over the ranks: the same accuracy as one
+    process, exactly."""
+    count = images.shape[0]
+    if communicator is not None and communicator.size > 1:
+        start, end = communicator.shard(count)
+        images, labels = images[start:end], labels[start:end]
     models = [model, *replicas]
     modes = [one.training for one in models]
     batch_starts = list(range(0, images.shape[0], batch_size))
@@ -184,7 +218,9 @@ def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None):
         correct = sum(future.result() for future in [pool.submit(count_correct, index) for index in range(len(models))])
     for one, mode in zip(models, modes):
         one.train(mode)
-    return float(correct) / images.shape[0]
+    if communicator is not None and communicator.size > 1:
+        correct = communicator.sum(int(correct))
+    return float(correct) / count
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,61 +231,114 @@ def epoch_seed(seed, epoch, stream):
     return (seed * 1_000_003 + epoch * 101 + stream) % (2**63)
 
 
-class EpochRandomness:
-    """The generators one epoch draws from: the shuffle (host), the shifts and dropout (device)."""
+def dropout_seed(seed, epoch, index, rank=0, restart_step=0):
+    """The seed of dropout generator `index` of an MPI rank in an epoch: epoch_seed's stream 2 + index
+    on rank 0 (a single process is rank 0), and apart from every other stream on other ranks, or when
+    the generators restart at step `restart_step` of the epoch (a resume under another layout)."""
+    base = epoch_seed(seed, epoch, 2 + index)
+    if rank == 0 and restart_step == 0:
+        return base
+    return int(host.random.SeedSequence([base, rank, restart_step]).generate_state(1, dtype=host.uint64)[0] % 2**63)
 
-    def __init__(self, models, xp, seed, epoch):
+
+class EpochRandomness:
+    """The generators one epoch draws from: the shuffle (host), the augmentation and dropout (device).
+
+    Under MPI the shuffle and the augmentation are the job's: every rank draws them alike, for the
+    whole batch. Dropout is each rank's own: its layers draw masks for its own images, seeded apart
+    by `rank` (rank 0's seeds are those of a single process)."""
+
+    def __init__(self, models, xp, seed, epoch, rank=0):
+        self.xp, self.seed, self.epoch, self.rank = xp, seed, epoch, rank
         self.shuffle = host_generator(epoch_seed(seed, epoch, 0))   # on the host: the same order on CPU and GPU
-        self.shift = random_generator(xp, epoch_seed(seed, epoch, 1))
+        self.augmentation = random_generator(xp, epoch_seed(seed, epoch, 1))
         self.dropout_layers = [layer for model in models for layer in model.dropout_layers()]
         for index, layer in enumerate(self.dropout_layers):
-            layer.reseed(xp, epoch_seed(seed, epoch, 2 + index))
+            layer.reseed(xp, dropout_seed(seed, epoch, index, rank))
 
-    def generators(self):
-        return [self.shift] + [layer.generator for layer in self.dropout_layers]
+    @staticmethod
+    def _saved(generator):
+        """A generator's state as a JSON-ready dict where it can be saved: NumPy's. On CuPy None, and a run
+        resumed mid-epoch there re-seeds instead (the CPU resume is exact)."""
+        return generator.bit_generator.state if isinstance(generator, host.random.Generator) else None
 
-    def state(self):
-        """The device generators' states (JSON-ready dicts) where they can be saved: NumPy's. On CuPy
-        each is None, and a run resumed mid-epoch there re-seeds instead (the CPU resume is exact)."""
-        return [generator.bit_generator.state if isinstance(generator, host.random.Generator) else None
-                for generator in self.generators()]
+    @staticmethod
+    def _load(generator, state):
+        if state is not None and isinstance(generator, host.random.Generator):
+            generator.bit_generator.state = state
 
-    def restore(self, states):
-        if len(states) != len(self.generators()):
-            raise CheckpointError(f"the checkpoint was written mid-epoch by a run with {len(states) - 1} dropout "
-                                  f"generators (one set per thread), this run has {len(self.generators()) - 1}: "
-                                  f"resume with the same --threads")
-        for generator, state in zip(self.generators(), states):
-            if state is not None and isinstance(generator, host.random.Generator):
-                generator.bit_generator.state = state
+    def state(self, communicator=SINGLE_PROCESS):
+        """{"generators": [the augmentation's state, then every rank's dropout generators in rank order],
+        "dropout_per_rank": [how many each rank has]}; under MPI collective, and None on ranks but 0."""
+        gathered = communicator.gather([self._saved(layer.generator) for layer in self.dropout_layers])
+        if gathered is None:
+            return None
+        return dict(generators=[self._saved(self.augmentation)] + [state for states in gathered for state in states],
+                    dropout_per_rank=[len(states) for states in gathered])
+
+    def restore(self, random_state, communicator=SINGLE_PROCESS, first_step=0):
+        """Continue the epoch's draws from a checkpoint's `random_state` (`state()`'s; collective under MPI).
+
+        The augmentation is the job's and resumes under any number of ranks. The dropout generators resume
+        where the checkpoint was written with the same layout (the same dropout generators on each rank:
+        the same ranks and threads); under another layout they restart from seeds of their own
+        (`dropout_seed` with `first_step`), since the masks an uninterrupted run draws depend on the layout
+        anyway. Returns a line for the log when that changes what is drawn (dropout on), else None."""
+        states = random_state["generators"]
+        saved_layout = random_state.get("dropout_per_rank", [len(states) - 1])   # older checkpoints: one process
+        self._load(self.augmentation, states[0])
+        layout = communicator.allgather(len(self.dropout_layers))
+        if layout == saved_layout:
+            first = 1 + sum(layout[:communicator.rank])
+            for layer, state in zip(self.dropout_layers, states[first:first + len(self.dropout_layers)]):
+                self._load(layer.generator, state)
+            return None
+        for index, layer in enumerate(self.dropout_layers):
+            layer.reseed(self.xp, dropout_seed(self.seed, self.epoch, index, communicator.rank, first_step))
+        if not any(layer.p > 0 for layer in self.dropout_layers):
+            return None
+        return (f"the checkpoint was written mid-epoch with {saved_layout} dropout generators per rank, this run has "
+                f"{layout} (other ranks or --threads): the rest of epoch {self.epoch + 1} draws its dropout masks "
+                f"from new seeds")
 
 
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, random_state, history):
+def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, random_state, history,
+                    weight_average=None):
+    """Write the run's state atomically: "model/NAME" the trained weights, "average/NAME" the weight
+    average when the run keeps one, the optimiser's moments, and a JSON "meta" (configuration, epoch,
+    step, random state, metrics so far)."""
     arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
+    if weight_average is not None:
+        arrays.update({f"average/{name}": value for name, value in weight_average.model_state(model).items()})
     optimizer_state = optimizer.state_dict()
     arrays["optimizer/exp_avg"] = optimizer_state["exp_avg"]
     arrays["optimizer/exp_avg_sq"] = optimizer_state["exp_avg_sq"]
     meta = dict(format="scratchvit-checkpoint-1", model_config=model.config, train_config=dataclasses.asdict(config),
                 epoch=epoch, step_in_epoch=step_in_epoch, optimizer_step=optimizer_state["step_count"],
-                optimizer_lr=optimizer_state["lr"], random_state=random_state, history=history)
+                optimizer_lr=optimizer_state["lr"], random_state=random_state, history=history,
+                average_updates=None if weight_average is None else weight_average.updates)
     arrays["meta"] = host.frombuffer(json.dumps(meta).encode(), dtype=host.uint8)
     buffer = io.BytesIO()
     host.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path):
-    """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError."""
+def load_checkpoint(path, *, averaged=False):
+    """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError.
+
+    averaged=True: the weights to evaluate, which are the weight average where the run kept one
+    (--ema-decay) and else the trained weights; False: the trained weights, which training resumes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
         with host.load(path, allow_pickle=False) as archive:
             meta = json.loads(bytes(archive["meta"]).decode())
-            model_state = {key[len("model/"):]: archive[key] for key in archive.files if key.startswith("model/")}
+            prefix = "average/" if averaged and any(key.startswith("average/") for key in archive.files) else "model/"
+            model_state = {key[len(prefix):]: archive[key] for key in archive.files if key.startswith(prefix)}
             optimizer_state = {key[len("optimizer/"):]: archive[key] for key in archive.files
                                if key.startswith("optimizer/")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
@@ -268,6 +357,15 @@ def check_same_model(path, saved_config, model_config):
     if differences:
         raise CheckpointError(f"{path}: checkpoint was made with another model configuration: "
                               + ", ".join(differences) + "; pass the same model options")
+
+
+def resume_weight_average(path, meta, model, weight_average):
+    """Restore the weight average saved in the checkpoint at `path`; one written without an average
+    (a run that had no --ema-decay) starts the average from the resumed weights."""
+    if meta.get("average_updates") is None:
+        return
+    _, average_state, _ = load_checkpoint(path, averaged=True)
+    weight_average.load_model_state(model, average_state, meta["average_updates"])
 
 
 def check_same_validation_split(path, saved_train_config, config):
@@ -296,12 +394,13 @@ def log_line(message):
 class Progress:
     """Steps done, loss, images per second and time left, for one epoch."""
 
-    def __init__(self, total, description, batch_size):
+    def __init__(self, total, description, batch_size, show=True):
         try:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        self.terminal = sys.stderr.isatty()          # no progress display in logs and pipes, only the epoch lines
+        # no progress display in logs and pipes, only the epoch lines; under MPI only rank 0 shows it (`show`)
+        self.terminal = show and sys.stderr.isatty()
         self.bar = None
         if tqdm is not None and self.terminal:
             self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)
@@ -417,30 +516,64 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def augment(images, config, generator):
+    """A training batch's augmentation: config's random affine transform, then its random shift."""
+    images = random_affine(images, generator, rotation=config.rotation, scale=config.scale, shear=config.shear,
+                           translate=config.translate)
+    return random_shift(images, config.max_shift, generator)
+
+
+def evaluated_weights(weight_average):
+    """The context in which the model holds the weights to evaluate: the average when there is one."""
+    return weight_average.in_place_of_weights() if weight_average is not None else contextlib.nullcontext()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two steps, after the checkpoint was written (under MPI: every
+    rank stops at the same step, and rank 0 wrote the checkpoint)."""
+
+
 def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step, *, first_step, resume_state,
-                steps_per_epoch, checkpoint_path, history, step_log=None):
-    """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics."""
+                steps_per_epoch, checkpoint_path, history, step_log=None, weight_average=None,
+                communicator=SINGLE_PROCESS, log=None):
+    """One pass over the shuffled training set (from `first_step` when resuming); returns its metrics.
+
+    Under MPI every rank runs it (collective): each gathers and augments the whole batch with the same
+    generator, so that all ranks see the same images, and TrainStep trains on the rank's shard; the
+    loss summed here is the rank's share, and the ranks' sums are added at each loss read."""
     xp = get_array_module(data["train_images"])
-    randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch)
+    randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch, rank=communicator.rank)
     order = xp.asarray(randomness.shuffle.permutation(data["train_images"].shape[0]))
     loss_sum = xp.zeros((), dtype=model.dtype)        # summed on the device, step by step, read now and then
     if resume_state is not None:
-        randomness.restore(resume_state["generators"])
-        loss_sum += resume_state["loss_sum"]
-    progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}", config.batch_size)
+        note = randomness.restore(resume_state, communicator, first_step)
+        if note is not None and log is not None:
+            log(note)
+        if communicator.is_root:                      # the checkpoint's loss is the job's: counted once
+            loss_sum += resume_state["loss_sum"]
+    progress = Progress(steps_per_epoch - first_step, f"epoch {epoch + 1}/{config.epochs}", config.batch_size,
+                        show=communicator.is_root)
     started = shown_at = time.perf_counter()
-    shown_sum, shown_step = float(loss_sum), first_step
+    shown_sum, shown_step = communicator.sum(float(loss_sum)), first_step
+    total = shown_sum
     if step_log is not None:
         step_log.begin(first_step, shown_sum, started)
     for step in range(first_step, steps_per_epoch):     # the learning rate follows optimizer.set_schedule
         batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-        images = random_shift(data["train_images"][batch], config.max_shift, randomness.shift)
+        images = augment(data["train_images"][batch], config, randomness.augmentation)   # all of it, on every rank
         loss_sum += train_step(images, data["train_labels"][batch])
+        if weight_average is not None:
+            weight_average.update()
         if on_step is not None:
             on_step(epoch, step)
         last_step = step == steps_per_epoch - 1
-        if (step + 1) % LOSS_READ_INTERVAL == 0 or last_step or interrupt.requested:
-            total = float(loss_sum)
+        read_now = (step + 1) % LOSS_READ_INTERVAL == 0 or last_step
+        # one process stops at the step after Ctrl-C; MPI ranks stop together, at the first loss read after
+        # it reached any of them (mpiexec passes SIGINT on to every rank, not necessarily at the same step)
+        stopping = (interrupt.requested if communicator.size == 1
+                    else read_now and communicator.any_rank(interrupt.requested))
+        if read_now or stopping:
+            total = communicator.sum(float(loss_sum))
             if not math.isfinite(total):
                 progress.close()
                 raise NonFiniteLoss(
@@ -453,22 +586,31 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
             shown_sum, shown_step, shown_at = total, step + 1, now
             if step_log is not None:
                 step_log.at_read(epoch=epoch, steps_done=step + 1, global_step=optimizer.step_count, loss_sum=total,
-                                 lr=optimizer.lr, now=now, end=last_step or interrupt.requested)
-        if interrupt.requested and not last_step:
+                                 lr=optimizer.lr, now=now, end=last_step or stopping)
+        if stopping and not last_step:
             progress.close()
-            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch,
-                            step_in_epoch=step + 1, history=history,
-                            random_state=dict(generators=randomness.state(), loss_sum=float(loss_sum)))
-            raise KeyboardInterrupt(f"interrupted: checkpoint written to {checkpoint_path} "
-                                    f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
+            random_state = randomness.state(communicator)          # rank 0 gathers every rank's dropout states
+            if communicator.is_root:
+                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch,
+                                step_in_epoch=step + 1, history=history, weight_average=weight_average,
+                                random_state=dict(random_state, loss_sum=total))
+            raise TrainingInterrupted(f"interrupted: checkpoint written to {checkpoint_path} "
+                                      f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
     progress.close()
     train_seconds = time.perf_counter() - started
-    record = dict(epoch=epoch + 1, train_loss=float(loss_sum) / steps_per_epoch)
+    record = dict(epoch=epoch + 1, train_loss=total / steps_per_epoch)      # total: the last step's read
     # the validation images are measured exactly as the test images: same function, threads, batch size
-    for split in (["validation"] if config.validation > 0 else []) + ["test"]:
-        record[f"{split}_accuracy"] = evaluate(model, data[f"{split}_images"], data[f"{split}_labels"],
-                                               config.eval_batch_size, replicas=train_step.models()[1:],
-                                               pool=train_step.pool)
+    splits = (["validation"] if config.validation > 0 else []) + ["test"]
+
+    def accuracy(split):
+        return evaluate(model, data[f"{split}_images"], data[f"{split}_labels"], config.eval_batch_size,
+                        replicas=train_step.models()[1:], pool=train_step.pool, communicator=communicator)
+
+    with evaluated_weights(weight_average):
+        record.update({f"{split}_accuracy": accuracy(split) for split in splits})
+    if weight_average is not None and config.validation > 0:
+        # what the average is worth, measured where settings are chosen: the trained weights' accuracy
+        record["validation_accuracy_trained_weights"] = accuracy("validation")
     return dict(record, lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
                 images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
 
@@ -539,27 +681,62 @@ def load_data(config, backend):
     return data
 
 
-def run(config, *, log=log_line, on_step=None):
+def quiet(message):
+    pass
+
+
+def check_ranks(config, communicator):
+    """ConfigError when the global batch cannot give every MPI rank an image."""
+    if config.batch_size < communicator.size:
+        raise ConfigError(f"batch_size must be at least the number of MPI ranks ({communicator.size}): it is the "
+                          f"global batch, split over the ranks; got {config.batch_size}")
+
+
+def describe_ranks(config, data, optimizer, train_step, communicator, log):
+    """Under MPI: check that every rank starts from the same options, data, weights and optimiser state
+    (they must, for the ranks' steps to stay identical; DistributedError if not), then log how the work
+    is spread and how gradients are exchanged."""
+    options = {name: value for name, value in dataclasses.asdict(config).items() if name != "data_dir"}
+    communicator.check_same("options", json.dumps(options, sort_keys=True).encode())
+    communicator.check_same("training data", data["train_images"], data["train_labels"])
+    communicator.check_same("starting weights and optimiser state", optimizer.data, optimizer.exp_avg,
+                            optimizer.exp_avg_sq, host.array([optimizer.step_count]))
+    log(communicator.describe(train_step.threads))
+
+
+def run(config, *, log=log_line, on_step=None, communicator=None):
     """Train (or resume) as `config` says; returns the list of per-epoch metrics dicts.
 
-    `on_step(epoch, step)` is called after every step (tests use it to interrupt a run)."""
+    `on_step(epoch, step)` is called after every step (tests use it to interrupt a run).
+    `communicator`: distributed.py's; None takes this process's (`distributed.world()`): under mpiexec
+    every rank calls run, trains data-parallel, and gets the same history; rank 0 alone logs and writes."""
     run_started = time.perf_counter()      # wall_seconds counts from here: device set-up and data loading included
+    communicator = world() if communicator is None else communicator
+    root = communicator.is_root
+    log = log if root else quiet
     config.validate()
+    check_ranks(config, communicator)
+    if config.device == "gpu":
+        communicator.select_gpu()          # one GPU per rank, chosen before CuPy allocates anything
     backend = get_backend(config.device)
     if backend.name == "cpu":
         keep_freed_host_memory()
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint.npz"
     check_plot_dependency(config)
-    make_output_folder(out_dir)
+    if root:
+        make_output_folder(out_dir)
     data = load_data(config, backend)
     config.validate_for_images(data["image_size"])
     model = build_model(config, data).to(backend)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(data["train_images"].shape[0] / config.batch_size)
     optimizer.set_schedule(learning_rate_schedule(config, steps_per_epoch))
+    threads = config.threads if config.threads is not None else communicator.default_threads()
     train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
-                           threads=config.threads)
+                           threads=threads, communicator=communicator)
+    communicator.prepare_exchange(backend)
+    weight_average = WeightAverage(optimizer.data, config.ema_decay) if config.ema_decay else None
 
     start_epoch, start_step, random_state, history = 0, 0, None, []
     if config.resume:
@@ -568,14 +745,18 @@ def run(config, *, log=log_line, on_step=None):
         check_same_validation_split(checkpoint_path, meta["train_config"], config)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"], lr=meta["optimizer_lr"]))
+        if weight_average is not None:
+            resume_weight_average(checkpoint_path, meta, model, weight_average)
         start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
         random_state, history = meta["random_state"], meta["history"]
         log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+    if communicator.size > 1:
+        describe_ranks(config, data, optimizer, train_step, communicator, log)
     metrics_path = out_dir / "metrics.jsonl"
     step_log_path = out_dir / STEP_LOG_NAME
-    if config.resume:
+    if root and config.resume:                 # only rank 0 writes files
         keep_steps_up_to(step_log_path, optimizer.step_count)
-    else:
+    elif root:
         metrics_path.write_text("")
         # a fresh run's step log starts empty; with the log off, an older run's would be plotted as this one's
         if config.log_every:
@@ -583,37 +764,46 @@ def run(config, *, log=log_line, on_step=None):
         else:
             step_log_path.unlink(missing_ok=True)
     step_log = (StepLog(step_log_path, config.log_every, config.batch_size, data["train_images"].shape[0])
-                if config.log_every else None)
+                if config.log_every and root else None)
 
     model.train()
     # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
     with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for epoch in range(start_epoch, config.epochs):
-            if interrupt.requested:          # Ctrl-C came during the last evaluation: its checkpoint is written
-                raise KeyboardInterrupt(f"interrupted: checkpoint of epoch {epoch} in {checkpoint_path}; "
-                                        f"continue with --resume")
+            # Ctrl-C came during the last evaluation (on any rank): its checkpoint is written
+            if communicator.any_rank(interrupt.requested):
+                raise TrainingInterrupted(f"interrupted: checkpoint of epoch {epoch} in {checkpoint_path}; "
+                                          f"continue with --resume")
             resuming_here = epoch == start_epoch and start_step > 0
             record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
                                  first_step=start_step if resuming_here else 0,
                                  resume_state=random_state if resuming_here else None,
                                  steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history,
-                                 step_log=step_log)
+                                 step_log=step_log, weight_average=weight_average, communicator=communicator,
+                                 log=log)
             record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
             record["wall_seconds"] = time.perf_counter() - run_started
             history.append(record)
-            with open(metrics_path, "a") as file:
-                file.write(json.dumps(record) + "\n")
-            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch + 1,
-                            step_in_epoch=0, random_state=None, history=history)
+            # rank 0's files stand for every rank: their weights must still be equal (see distributed.py)
+            communicator.check_same(f"weights after epoch {epoch + 1}", optimizer.data,
+                                    hint="the MPI library's Allreduce gave the ranks different sums (see "
+                                         "scratchvit/distributed.py); try another MPI library")
+            if root:
+                with open(metrics_path, "a") as file:
+                    file.write(json.dumps(record) + "\n")
+                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch + 1,
+                                step_in_epoch=0, random_state=None, history=history, weight_average=weight_average)
             validation = (f"validation accuracy {record['validation_accuracy']:.2%}  "
                           if "validation_accuracy" in record else "")
             log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  {validation}"
                 f"test accuracy {record['test_accuracy']:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s  "
                 f"({record['images_per_second']:.0f} img/s)")
-    if config.plot and history:
+    if config.plot and history and root:
         from .plots import write_plots
-        for path in write_plots(out_dir, model, data["test_images"], data["test_labels"], history,
-                                steps=read_step_log(step_log_path)):
+        with evaluated_weights(weight_average):
+            paths = write_plots(out_dir, model, data["test_images"], data["test_labels"], history,
+                                steps=read_step_log(step_log_path))
+        for path in paths:
             log(f"wrote {path}")
     log(f"done in {time.perf_counter() - run_started:.1f}s; metrics in {metrics_path}, checkpoint in {checkpoint_path}")
     return history
@@ -624,7 +814,7 @@ def load_for_evaluation(path, config):
     the checkpoint's model configuration must match `config`'s."""
     config.validate()
     backend = get_backend(config.device)
-    meta, model_state, _ = load_checkpoint(path)
+    meta, model_state, _ = load_checkpoint(path, averaged=True)
     data = load_data(config, backend)
     model = build_model(config, data)
     check_same_model(path, meta["model_config"], model.config)

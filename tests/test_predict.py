@@ -86,10 +86,14 @@ def drawn_otherwise(image, path):
 # ------------------------------------------------------------------------------------------------
 # 1. from Python
 
-def test_load_trained_model_gives_the_checkpoints_model_in_eval_mode(trained):
+def test_load_trained_model_gives_the_checkpoints_evaluated_model_in_eval_mode(trained):
+    """The weights that training evaluated: the weight average (on by default), not the last trained weights."""
     path = trained[0]
     model, meta = load_trained_model(path)
-    saved_meta, state, _ = load_checkpoint(path)
+    saved_meta, state, _ = load_checkpoint(path, averaged=True)
+    _, trained_state, _ = load_checkpoint(path)
+    assert saved_meta["average_updates"] > 0
+    assert any(not numpy.array_equal(state[name], trained_state[name]) for name in state)
     assert not model.training
     assert model.config == saved_meta["model_config"] == meta["model_config"]
     for name, value in model.state_dict().items():

@@ -52,7 +52,7 @@ def test_options_given_win_over_the_recipe():
 
 
 def test_an_unknown_recipe_is_a_config_error():
-    with pytest.raises(ConfigError, match="recipe must be one of cpu, gpu"):
+    with pytest.raises(ConfigError, match="recipe must be one of best, cpu, gpu"):
         TrainConfig.from_recipe("fastest")
     with pytest.raises(ValueError, match="got 'fastest'"):
         recipe_options("fastest")
@@ -68,7 +68,8 @@ def test_help_shows_each_recipes_value(capsys):
     with pytest.raises(SystemExit):
         load_cli().build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "cpu recipe: 64; gpu recipe: 512" in text
+    assert "cpu recipe: 128; gpu recipe: 512; best recipe: 128" in text
+    assert "best: the most accurate" in text
     assert "(default: None)" not in text.split("--threads")[0]
 
 
@@ -79,5 +80,17 @@ def test_the_gpu_recipe_is_the_configuration_whose_accuracy_was_checked():
     config = TrainConfig.from_recipe("gpu")
     checked = dict(batch_size=512, lr=4e-3, epochs=20, warmup_epochs=2.0, eval_batch_size=2000, weight_decay=0.05,
                    patch_size=4, dim=64, depth=6, heads=4, mlp_dim=128, dropout=0.0, label_smoothing=0.0,
-                   clip_grad_norm=1.0, max_shift=2, validation=0)
+                   clip_grad_norm=1.0, max_shift=2, validation=0, rotation=0.0, scale=0.0, shear=0.0, translate=0.0,
+                   ema_decay=0.0)
+    assert {name: getattr(config, name) for name in checked} == checked
+
+
+def test_the_best_recipe_is_the_configuration_whose_accuracy_was_checked():
+    """The README's best-recipe rows (two seeds, run to the end) hold for exactly these options; as above,
+    a change of TrainConfig's defaults that changes them fails here."""
+    config = TrainConfig.from_recipe("best")
+    checked = dict(batch_size=128, lr=3e-3, epochs=80, warmup_epochs=1.0, eval_batch_size=500, weight_decay=0.05,
+                   patch_size=7, dim=64, depth=6, heads=4, mlp_dim=128, dropout=0.0, label_smoothing=0.1,
+                   clip_grad_norm=1.0, max_shift=0, validation=0, rotation=15.0, scale=0.1, shear=0.0, translate=0.1,
+                   ema_decay=0.0)
     assert {name: getattr(config, name) for name in checked} == checked

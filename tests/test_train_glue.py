@@ -129,9 +129,10 @@ def test_threaded_evaluation_over_several_batches_equals_a_serial_evaluation(dat
     splits = []                                 # (models, thread pool given) of every evaluation in the run
     original_evaluate = scratchvit.train.evaluate
 
-    def recording_evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None):
+    def recording_evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None, communicator=None):
         splits.append((1 + len(replicas), pool is not None))
-        return original_evaluate(model, images, labels, batch_size, replicas=replicas, pool=pool)
+        return original_evaluate(model, images, labels, batch_size, replicas=replicas, pool=pool,
+                                 communicator=communicator)
 
     monkeypatch.setattr(scratchvit.train, "evaluate", recording_evaluate)
     history = run(config, log=quiet)

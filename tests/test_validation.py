@@ -48,7 +48,7 @@ def host_arrays(dataset):
 
 def config(dataset, out_dir, **options):
     defaults = dict(TINY_MODEL, data_dir=str(dataset), out_dir=str(out_dir), epochs=2, batch_size=16, lr=1e-2,
-                    warmup_epochs=0.5, seed=0)
+                    warmup_epochs=0.5, seed=0, ema_decay=0.0)     # one evaluation per split and epoch: no average
     return TrainConfig(**dict(defaults, **options))
 
 
@@ -64,9 +64,10 @@ class Spy:
             self.trained.append(numpy.array(images))
             return original_call(step, images, labels)
 
-        def recording_evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None):
+        def recording_evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None, communicator=None):
             self.evaluations.append((numpy.array(images), numpy.array(labels), batch_size, list(replicas), pool))
-            return original_evaluate(model, images, labels, batch_size, replicas=replicas, pool=pool)
+            return original_evaluate(model, images, labels, batch_size, replicas=replicas, pool=pool,
+                                     communicator=communicator)
 
         monkeypatch.setattr(TrainStep, "__call__", recording_call)
         monkeypatch.setattr(scratchvit.train, "evaluate", recording_evaluate)

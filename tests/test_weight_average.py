@@ -1,0 +1,149 @@
+"""The exponential moving average of the weights (scratchvit/weight_average.py) and how training uses it."""
+import os
+import signal
+
+import numpy
+import pytest
+
+from scratchvit.optim import AdamW
+from scratchvit.train import TrainConfig, load_checkpoint, run
+from scratchvit.vit import ViT
+from scratchvit.weight_average import WeightAverage
+
+from test_train import TINY_MODEL, write_dataset
+
+
+def small_model(seed=0):
+    return ViT(image_size=8, patch_size=4, num_classes=3, dim=8, depth=1, heads=2, mlp_dim=16, seed=seed)
+
+
+def test_the_average_of_a_constant_model_is_that_model():
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    before = model.state_dict()
+    average = WeightAverage(optimizer.data, decay=0.9)
+    for _ in range(50):
+        average.update()
+    for name, value in average.model_state(model).items():
+        numpy.testing.assert_array_equal(value, before[name])
+    assert average.updates == 50
+
+
+def test_update_follows_the_formula_with_its_decay_warmup():
+    weights = numpy.zeros(3)
+    average = WeightAverage(weights, decay=0.5)
+    expected = weights.copy()
+    for step, value in enumerate([1.0, 4.0, -2.0, 8.0, 3.0, 0.5, -1.0, 2.0, 6.0, -4.0], start=1):
+        weights[...] = value                                # the optimiser updates the buffer in place
+        decay = min(0.5, (1 + step) / (10 + step))
+        assert average.current_decay() == decay
+        average.update()
+        expected = decay * expected + (1 - decay) * value
+        numpy.testing.assert_allclose(average.average, expected, rtol=1e-15)
+    assert average.current_decay() == 0.5                   # (1 + 11) / (10 + 11) > 0.5: the cap
+
+
+def test_in_place_of_weights_swaps_the_average_in_and_the_weights_back():
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    average = WeightAverage(optimizer.data, decay=0.9)
+    optimizer.data += 1.0                                   # the weights move; the average has not been updated
+    trained = {name: value.copy() for name, value in model.state_dict().items()}
+    images = numpy.random.default_rng(0).standard_normal((2, 1, 8, 8))
+    with average.in_place_of_weights():
+        numpy.testing.assert_array_equal(optimizer.data, average.average)
+        averaged_logits = model.forward(images)
+    assert not numpy.allclose(averaged_logits, model.forward(images))
+    for name, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(value, trained[name])
+
+
+def test_load_model_state_restores_the_average_and_the_count():
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    average = WeightAverage(optimizer.data, decay=0.9)
+    optimizer.data *= 3.0
+    average.update()
+    saved = average.model_state(model)
+    fresh = small_model()
+    other = WeightAverage(AdamW(fresh.parameters(), lr=1e-3).data, decay=0.9)
+    weights_before = other.weights.copy()
+    other.load_model_state(fresh, saved, average.updates)
+    numpy.testing.assert_array_equal(other.average, average.average)
+    numpy.testing.assert_array_equal(other.weights, weights_before)     # the trained weights are untouched
+    assert other.updates == 1
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
+def test_decay_outside_the_open_unit_interval_is_refused(decay):
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(numpy.zeros(2), decay)
+
+
+# ------------------------------------------------------------------------------------------------
+# in training: evaluated, checkpointed, resumed exactly
+
+def tiny_config(tmp_path, **options):
+    folder = tmp_path / "data"
+    if not folder.exists():
+        write_dataset(folder, train_count=48, test_count=32)
+    options = dict(dict(TINY_MODEL, epochs=2, batch_size=16, threads=1, log_every=0), **options)
+    return TrainConfig(data_dir=str(folder), out_dir=str(tmp_path / options.pop("out", "run")), **options)
+
+
+def test_a_run_with_ema_saves_the_average_and_evaluation_uses_it(tmp_path):
+    """The checkpoint's average differs from its trained weights, and the recorded test accuracy is the
+    average's: recomputed here from the average's weights, and loaded by load_checkpoint(averaged=True)."""
+    from scratchvit.backend import get_backend
+    from scratchvit.train import build_model, evaluate, load_data
+    config = tiny_config(tmp_path, ema_decay=0.9, rotation=10, scale=0.1, translate=0.1)
+    history = run(config, log=lambda message: None)
+    meta, trained, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    _, averaged, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz", averaged=True)
+    assert meta["average_updates"] == 2 * 3
+    assert set(averaged) == set(trained)
+    assert any(not numpy.array_equal(averaged[name], trained[name]) for name in trained)
+    data = load_data(config, get_backend("cpu"))
+    model = build_model(config, data)
+    model.load_state_dict(averaged)
+    assert evaluate(model, data["test_images"], data["test_labels"]) == history[-1]["test_accuracy"]
+
+
+def test_a_checkpoint_without_ema_gives_its_trained_weights_when_asked_for_the_average(tmp_path):
+    run(tiny_config(tmp_path, epochs=1, ema_decay=0.0), log=lambda message: None)
+    _, trained, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    meta, averaged, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz", averaged=True)
+    assert meta["average_updates"] is None
+    for name in trained:
+        numpy.testing.assert_array_equal(averaged[name], trained[name])
+
+
+def test_resuming_a_run_with_ema_repeats_the_uninterrupted_run(tmp_path):
+    """Ctrl-C in the middle of the first epoch, then --resume: the same losses, accuracies (of the
+    average) and final average as a run never interrupted."""
+    options = dict(ema_decay=0.8, rotation=15, scale=0.1, translate=0.1)
+    whole = run(tiny_config(tmp_path, out="whole", **options), log=lambda message: None)
+
+    def interrupt(epoch, step):
+        if (epoch, step) == (0, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="resume"):
+        run(tiny_config(tmp_path, out="parts", **options), log=lambda message: None, on_step=interrupt)
+    resumed = run(tiny_config(tmp_path, out="parts", resume=True, **options), log=lambda message: None)
+    assert [(r["train_loss"], r["test_accuracy"]) for r in resumed] == [(r["train_loss"], r["test_accuracy"])
+                                                                         for r in whole]
+    whole_meta, whole_average, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.npz", averaged=True)
+    parts_meta, parts_average, _ = load_checkpoint(tmp_path / "parts" / "checkpoint.npz", averaged=True)
+    assert parts_meta["average_updates"] == whole_meta["average_updates"] == 2 * 3
+    for name in whole_average:
+        numpy.testing.assert_array_equal(parts_average[name], whole_average[name])
+
+
+def test_with_a_validation_split_metrics_also_hold_the_trained_weights_validation_accuracy(tmp_path):
+    """So a user can see, where settings are chosen, whether the average pays."""
+    with_split = run(tiny_config(tmp_path, ema_decay=0.9, validation=16, epochs=1, out="split"), log=lambda m: None)
+    assert 0 <= with_split[-1]["validation_accuracy_trained_weights"] <= 1
+    without_average = run(tiny_config(tmp_path, validation=16, epochs=1, ema_decay=0.0, out="plain"),
+                          log=lambda m: None)
+    assert "validation_accuracy_trained_weights" not in without_average[-1]
