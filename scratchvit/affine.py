@@ -9,8 +9,8 @@ The transform of one image
 
         R(a)     = [[cos a,  sin a],      a positive angle turns the content counter-clockwise as the
                     [-sin a, cos a]]      image is displayed (rows down): +90° is numpy.rot90(k=1)
-        Shear(s) = [[1, -tan s],          a positive shear slants vertical strokes the way the
-                    [0,  1    ]]          rotation turns: the top moves left, the bottom right
+        Shear(s) = [[1, -tan s],          a positive shear slants vertical strokes: x' = x - y tan s,
+                    [0,  1    ]]          so the top row moves right and the bottom row left
 
     Sampling runs the other way: output pixel q takes the input at p = A⁻¹ (q - t) (inverse
     mapping, so every output pixel gets exactly one value and no holes appear).

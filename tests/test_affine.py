@@ -95,6 +95,14 @@ def test_rotation_turns_content_counter_clockwise_as_displayed():
     assert turned[2, 0] == pytest.approx(1.0) and abs(turned).sum() == pytest.approx(1.0)   # now at the left
 
 
+def test_positive_shear_moves_the_top_right_and_the_bottom_left():
+    image = numpy.zeros((1, 1, 9, 9))
+    image[0, 0, :, 4] = 1.0                                   # a vertical stroke through the centre
+    sheared = affine_sample(image, matrices(1, shear=math.atan(0.5)), fill=0.0)[0, 0]
+    assert sheared[0, 6] == pytest.approx(1.0) and sheared[8, 2] == pytest.approx(1.0)   # x' = x - y tan(shear)
+    assert sheared[4, 4] == pytest.approx(1.0)                # the centre row stays
+
+
 def test_scale_above_one_enlarges_about_the_centre():
     image = numpy.zeros((1, 1, 9, 9))
     image[0, 0, 4, 6] = 1.0                                   # two pixels right of the centre
