@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from scratchvit.affine import affine_sample, inverse_affine_matrices, random_affine
-from scratchvit.backend import get_array_module, host_generator, to_host
+from scratchvit.backend import get_array_module, get_backend, host_generator, to_host
 from scratchvit.data import BACKGROUND, shift_images
+
+from conftest import on_gpu
 
 
 def batch_of(count, value=0.0):
@@ -150,8 +152,10 @@ def test_affine_sample_rejects_matrices_of_another_batch():
         affine_sample(images_of((2, 1, 4, 4)), matrices(3))
 
 
-def test_on_gpu_matches_numpy(backend):
+@on_gpu
+def test_on_gpu_matches_numpy():
     """The same images and maps on the device give NumPy's result on the host."""
+    backend = get_backend("gpu")
     images = images_of((6, 2, 7, 9), seed=6, dtype=numpy.float32)
     maps = inverse_affine_matrices(numpy.linspace(-1, 1, 6), numpy.linspace(0.8, 1.2, 6), numpy.linspace(-0.3, 0.3, 6),
                                    numpy.linspace(-3, 3, 12).reshape(6, 2))

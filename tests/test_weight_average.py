@@ -10,6 +10,7 @@ from scratchvit.train import TrainConfig, load_checkpoint, run
 from scratchvit.vit import ViT
 from scratchvit.weight_average import WeightAverage
 
+from conftest import on_gpu
 from test_train import TINY_MODEL, write_dataset
 
 
@@ -147,3 +148,22 @@ def test_with_a_validation_split_metrics_also_hold_the_trained_weights_validatio
     without_average = run(tiny_config(tmp_path, validation=16, epochs=1, ema_decay=0.0, out="plain"),
                           log=lambda m: None)
     assert "validation_accuracy_trained_weights" not in without_average[-1]
+
+
+@on_gpu
+def test_on_gpu_the_average_follows_numpys():
+    """The same weight trajectory averaged on the device and on the host."""
+    from scratchvit.backend import get_backend, to_host
+    gpu = get_backend("gpu")
+    trajectory = numpy.random.default_rng(1).standard_normal((12, 50))
+    host_weights, device_weights = trajectory[0].copy(), gpu.asarray(trajectory[0])
+    on_host, on_device = WeightAverage(host_weights, decay=0.7), WeightAverage(device_weights, decay=0.7)
+    for weights in trajectory[1:]:
+        host_weights[...] = weights
+        device_weights[...] = gpu.asarray(weights)
+        on_host.update()
+        on_device.update()
+    numpy.testing.assert_allclose(to_host(on_device.average), on_host.average, rtol=1e-12)
+    with on_device.in_place_of_weights():
+        numpy.testing.assert_allclose(to_host(device_weights), on_host.average, rtol=1e-12)
+    numpy.testing.assert_array_equal(to_host(device_weights), trajectory[-1])
