@@ -56,7 +56,7 @@ def build_parser():
     parser.add_argument("--device", choices=["cpu", "gpu"], default=defaults.device)
     parser.add_argument("--recipe", choices=list(RECIPES), default=argparse.SUPPRESS,
                         help="a set of training options (scratchvit/recipes.py): "
-                             + "; ".join(f"{name}: {summary}" for name, summary in SUMMARIES.items())
+                             + "; ".join(f"{name}: {summary}" for name, summary in SUMMARIES.items()).replace("%", "%%")
                              + ". Each option below lists its value in each recipe. Default: the device's "
                                "(gpu with --device gpu, else cpu); options given here win over the recipe's")
     add_option(parser, "--epochs", type=int)
