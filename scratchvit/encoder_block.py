@@ -13,7 +13,7 @@ Backward. A residual x_out = x_in + f(x_in) passes its gradient both ways:
 On the GPU, with dropout active (training and p > 0), each `x + Dropout(h)` is one fused launch
 (`Dropout.forward_add`: mask and sum together) instead of the dropout's launch and the add.
 Launches per forward + backward of one block, a cuBLAS call and a cuRAND draw counted as one each
-(the attention's own count is in layers/attention.py): 22 + 47 with dropout active, 18 + 44 without.
+(the attention's own count is in layers/attention.py): 22 + 41 with dropout active, 18 + 38 without.
 """
 from .backend import host_generator, is_gpu_array
 from .layers import GELU, Dropout, LayerNorm, Layer, Linear, MultiHeadSelfAttention

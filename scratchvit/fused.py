@@ -24,6 +24,13 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws; two for 
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
 | l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 2        |
+| shift_images                             | data.py  shift_images (a multi-array gather: index       | 1        |
+|                                          | preparation and a take per index array, mask, where)     |          |
+| add_transposed_product (cuBLAS)          | linear.py backward: weight.grad += X^T G (2 launches and | 1        |
+|                                          | a temporary of the weight's size)                        |          |
+| transposed_product (cuBLAS)              | attention.py backward: attn^T @ g_context and            | 1 each   |
+|                                          | g_scores^T @ q_scaled (a copy of the transposed operand, |          |
+|                                          | then matmul: 2 each)                                     |          |
 
 "cuRAND" is the uniform draw `generator.random(shape, dtype)` of a CuPy Generator: one launch of
 CuPy's cuRAND-device kernel (cupy/random/_generator_api.pyx, `Generator.random` -> `_launch_dist`).
@@ -38,9 +45,12 @@ Two kinds of kernel:
   on the host, exactly as NumPy casts a Python float in `float32_array * 0.9`.
 - `cupy.RawKernel` for everything else, compiled once per dtype with `typedef float T;` or
   `typedef double T;` in front of the source:
-  - row-wise work (LayerNorm, softmax, cross-entropy): one thread block of ROW_BLOCK threads per
-    row, each thread striding over the row, block-wide sums and maxima through shared memory. Rows
-    may have any length (the loops stride), not only up to ROW_BLOCK;
+  - row-wise work (LayerNorm, softmax, cross-entropy): one warp (32 threads) per row, ROWS_PER_BLOCK
+    rows per block, each lane striding over its row, sums and maxima by warp shuffles (`__shfl_xor_sync`)
+    in registers: no shared memory, no block-wide synchronisation. The rows here are short (50 to 64
+    attention scores or features, 10 logits), so a warp has about one or two elements per lane, where
+    a block of 128 threads per row would leave most threads idle. Rows may have any length (the lanes
+    loop), not only up to 32;
   - the attention layouts (split_qkv, merge_grad_qkv): a grid-stride loop, one thread per element
     of a (B, T, D) array, each moving that element's three values (q, k, v);
   - the gradient norm: two launches of fixed size (NORM_GRID blocks of NORM_BLOCK threads, then one
@@ -78,9 +88,10 @@ from .layers.reductions import column_sum
 __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
            "softmax_forward", "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout",
            "add_dropout_forward", "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm",
-           "ROW_BLOCK", "NORM_BLOCK", "NORM_GRID"]
+           "add_transposed_product", "transposed_product", "shift_images",
+           "ROWS_PER_BLOCK", "NORM_BLOCK", "NORM_GRID"]
 
-ROW_BLOCK = 128   # threads per block of the row-wise raw kernels (a power of two, as the reductions need)
+ROWS_PER_BLOCK = 4   # rows per block of the row-wise raw kernels: one warp each, so blocks of 128 threads
 # l2_norm: stage 1 runs NORM_GRID blocks of NORM_BLOCK threads (a power of two, for the tree sum), each
 # block writing one partial sum; stage 2 is one block of NORM_BLOCK threads adding the NORM_GRID
 # partials. Fixed sizes, not derived from the device or the input: the order of the additions, hence
@@ -171,6 +182,25 @@ _ELEMENTWISE_SOURCES = {
         "}\n"
         "grad = value * (upstream[0] * inv_batch);\n",
     ),
+    # data.py shift_images: shifted[b, c, y, x] = images[b, c, y - dy, x - dx] where that pixel exists,
+    # else fill, (dy, dx) = shifts[b]. `i` is the C-order index into the (B, C, H, W) output:
+    # x = i mod W, then y, then image = b*C + c, whose plane starts at image * H * W in `images`.
+    "scratchvit_shift_images": (
+        "raw T images, raw int64 shifts, int64 height, int64 width, int64 channels, T fill",
+        "T shifted",
+        "const long long x = i % width;\n"
+        "const long long rows_before = i / width;\n"
+        "const long long y = rows_before % height;\n"
+        "const long long image = rows_before / height;\n"
+        "const long long b = image / channels;\n"
+        "const long long source_y = y - shifts[2 * b];\n"
+        "const long long source_x = x - shifts[2 * b + 1];\n"
+        "if (source_y >= 0 && source_y < height && source_x >= 0 && source_x < width) {\n"
+        "    shifted = images[(image * height + source_y) * width + source_x];\n"
+        "} else {\n"
+        "    shifted = fill;\n"
+        "}\n",
+    ),
     # optim.py AdamW.step, decay with a per-element mask (parameter groups with different decays)
     "scratchvit_adamw_masked": (
         "T grad, T decay_mask, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T decay_rate, "
@@ -187,41 +217,40 @@ _ELEMENTWISE_SOURCES = {
     ),
 }
 
-# Shared by every row kernel, after `typedef float T;` / `typedef double T;`. Both reductions need
-# blockDim.x == ROW_BLOCK (a power of two); every thread of the block must call them (they sync).
+# Shared by every row kernel, after `typedef float T;` / `typedef double T;`. One warp (32 threads) per
+# row, ROWS_PER_BLOCK rows per block: warp w of block b owns row b * ROWS_PER_BLOCK + w, and its lane
+# (0..31) strides over the row. The sums and maxima are butterfly reductions in registers: after the
+# step with offset o, lanes i and i ^ o hold the same value, so after five steps every lane holds the
+# row's result, bit for bit the same in every lane (each step's addition has the same two operands,
+# swapped, and IEEE addition is commutative). No shared memory, no __syncthreads: the warp reads its
+# lanes' registers directly. All 32 lanes must call the reductions (the full mask says so): a warp
+# whose row lies past the end returns as a whole before any of them.
 _ROW_HELPERS = r"""
-#define ROW_BLOCK """ + str(ROW_BLOCK) + r"""
+#define ROWS_PER_BLOCK """ + str(ROWS_PER_BLOCK) + r"""
+#define FULL_WARP 0xffffffffu
 
-__device__ T row_block_sum(T value, T* buf) {
-    const int tid = threadIdx.x;
-    buf[tid] = value;
-    __syncthreads();
-    for (int stride = ROW_BLOCK / 2; stride > 0; stride >>= 1) {
-        if (tid < stride) {
-            buf[tid] = buf[tid] + buf[tid + stride];
-        }
-        __syncthreads();
+__device__ __forceinline__ T warp_sum(T value) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        value = value + __shfl_xor_sync(FULL_WARP, value, offset);
     }
-    const T total = buf[0];
-    __syncthreads();   // everyone has read buf[0] before buf is reused
-    return total;
+    return value;
 }
 
-__device__ T row_block_max(T value, T* buf) {
-    const int tid = threadIdx.x;
-    buf[tid] = value;
-    __syncthreads();
-    for (int stride = ROW_BLOCK / 2; stride > 0; stride >>= 1) {
-        if (tid < stride) {
-            const T other = buf[tid + stride];
-            buf[tid] = (other > buf[tid]) ? other : buf[tid];
-        }
-        __syncthreads();
+__device__ __forceinline__ T warp_max(T value) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const T other = __shfl_xor_sync(FULL_WARP, value, offset);
+        value = (other > value) ? other : value;
     }
-    const T result = buf[0];
-    __syncthreads();
-    return result;
+    return value;
 }
+
+// This warp's row (64-bit: rows * row length may pass 2**31) and this thread's lane.
+#define ROW_AND_LANE                                                                    \
+    const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + (threadIdx.x >> 5);  \
+    const int lane = threadIdx.x & 31;                                                   \
+    if (row >= rows) {                                                                   \
+        return;                                                                          \
+    }
 """
 
 # The l2_norm kernels' block sum, in double: a tree in shared memory, the same order on every run.
@@ -242,138 +271,137 @@ __device__ double norm_block_sum(double value, double* buf) {
 """
 
 _RAW_SOURCES = {
-    # layernorm.py forward, one block per row of D:
+    # layernorm.py forward, one warp per row of D:
     #   mu = sum(x) * (1/D);  var = sum((x - mu)^2) * (1/D);  rstd = 1 / sqrt(var + eps)
     #   xhat = (x - mu) * rstd;  y = xhat * gamma + beta
     "scratchvit_layernorm_forward": r"""
 extern "C" __global__ void scratchvit_layernorm_forward(
-        const T* x, const T* gamma, const T* beta, T* y, T* xhat, T* rstd_out, const int D, const T eps) {
-    __shared__ T buf[ROW_BLOCK];
-    const long long row = blockIdx.x;
+        const T* x, const T* gamma, const T* beta, T* y, T* xhat, T* rstd_out, const long long rows,
+        const int D, const T eps) {
+    ROW_AND_LANE
     const long long base = row * D;
     const T inv_d = (T)(1.0 / (double)D);
     T partial = 0;
-    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+    for (int j = lane; j < D; j += 32) {
         partial += x[base + j];
     }
-    const T mu = row_block_sum(partial, buf) * inv_d;
+    const T mu = warp_sum(partial) * inv_d;
     partial = 0;
-    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+    for (int j = lane; j < D; j += 32) {
         const T centred = x[base + j] - mu;
         partial += centred * centred;
     }
-    const T var = row_block_sum(partial, buf) * inv_d;
+    const T var = warp_sum(partial) * inv_d;
     const T rstd = (T)1 / sqrt(var + eps);
-    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+    for (int j = lane; j < D; j += 32) {
         const T normalised = (x[base + j] - mu) * rstd;
         xhat[base + j] = normalised;
         y[base + j] = normalised * gamma[j] + beta[j];
     }
-    if (threadIdx.x == 0) {
+    if (lane == 0) {
         rstd_out[row] = rstd;
     }
 }
 """,
-    # layernorm.py backward, one block per row:  h = g * gamma
+    # layernorm.py backward, one warp per row:  h = g * gamma
     #   grad_x = ((h - mean(h)) - xhat * mean(h * xhat)) * rstd
     "scratchvit_layernorm_backward": r"""
 extern "C" __global__ void scratchvit_layernorm_backward(
-        const T* grad_out, const T* xhat, const T* rstd, const T* gamma, T* grad_x, const int D) {
-    __shared__ T buf[ROW_BLOCK];
-    const long long row = blockIdx.x;
+        const T* grad_out, const T* xhat, const T* rstd, const T* gamma, T* grad_x, const long long rows,
+        const int D) {
+    ROW_AND_LANE
     const long long base = row * D;
     const T inv_d = (T)(1.0 / (double)D);
     T partial_h = 0;
     T partial_hx = 0;
-    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+    for (int j = lane; j < D; j += 32) {
         const T h = grad_out[base + j] * gamma[j];
         partial_h += h;
         partial_hx += h * xhat[base + j];
     }
-    const T mean_h = row_block_sum(partial_h, buf) * inv_d;
-    const T mean_hx = row_block_sum(partial_hx, buf) * inv_d;
+    const T mean_h = warp_sum(partial_h) * inv_d;
+    const T mean_hx = warp_sum(partial_hx) * inv_d;
     const T r = rstd[row];
-    for (int j = threadIdx.x; j < D; j += ROW_BLOCK) {
+    for (int j = lane; j < D; j += 32) {
         const T h = grad_out[base + j] * gamma[j];
         grad_x[base + j] = ((h - mean_h) - xhat[base + j] * mean_hx) * r;
     }
 }
 """,
-    # softmax.py forward of scale * scores, one block per row of n:
+    # softmax.py forward of scale * scores, one warp per row of n:
     #   z = scale * s;  e = exp(z - max(z));  p = e / sum(e)
+    # Every lane starts its maximum at the row's first z (lanes past the end of a short row have no
+    # element of their own), so the maximum is one of the row's values.
     "scratchvit_softmax_forward": r"""
 extern "C" __global__ void scratchvit_softmax_forward(
-        const T* scores, T* probs, const int n, const T scale) {
-    __shared__ T buf[ROW_BLOCK];
-    const long long row = blockIdx.x;
+        const T* scores, T* probs, const long long rows, const int n, const T scale) {
+    ROW_AND_LANE
     const long long base = row * n;
     T local_max = scale * scores[base];
-    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+    for (int j = lane; j < n; j += 32) {
         const T z = scale * scores[base + j];
         local_max = (z > local_max) ? z : local_max;
     }
-    const T row_max = row_block_max(local_max, buf);
+    const T row_max = warp_max(local_max);
     T partial = 0;
-    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+    for (int j = lane; j < n; j += 32) {
         const T e = exp(scale * scores[base + j] - row_max);
         probs[base + j] = e;
         partial += e;
     }
-    const T total = row_block_sum(partial, buf);
-    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+    const T total = warp_sum(partial);
+    for (int j = lane; j < n; j += 32) {
         probs[base + j] = probs[base + j] / total;
     }
 }
 """,
-    # softmax.py backward (times scale, the chain rule through z = scale * s), one block per row:
+    # softmax.py backward (times scale, the chain rule through z = scale * s), one warp per row:
     #   grad_s = scale * (g * p - p * sum(g * p))
     "scratchvit_softmax_backward": r"""
 extern "C" __global__ void scratchvit_softmax_backward(
-        const T* probs, const T* grad_probs, T* grad_scores, const int n, const T scale) {
-    __shared__ T buf[ROW_BLOCK];
-    const long long row = blockIdx.x;
+        const T* probs, const T* grad_probs, T* grad_scores, const long long rows, const int n, const T scale) {
+    ROW_AND_LANE
     const long long base = row * n;
     T partial = 0;
-    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+    for (int j = lane; j < n; j += 32) {
         partial += grad_probs[base + j] * probs[base + j];
     }
-    const T dot = row_block_sum(partial, buf);
-    for (int j = threadIdx.x; j < n; j += ROW_BLOCK) {
+    const T dot = warp_sum(partial);
+    for (int j = lane; j < n; j += 32) {
         const T p = probs[base + j];
         grad_scores[base + j] = scale * (grad_probs[base + j] * p - p * dot);
     }
 }
 """,
-    # softmax_cross_entropy.py forward, one block per row of C logits:
+    # softmax_cross_entropy.py forward, one warp per row of C logits:
     #   m = max(z);  lse = log(sum(exp(z - m)));  log_p = (z - m) - lse;  probs = exp(log_p)
     #   loss = -log_p[label];  with smoothing s:  loss = (1 - s) * loss - s * mean(log_p)
     # A label outside [0, C) gives a NaN loss (passed in as invalid_loss) instead of a wild read.
     "scratchvit_cross_entropy_forward": r"""
 extern "C" __global__ void scratchvit_cross_entropy_forward(
-        const T* logits, const long long* labels, T* probs, T* row_loss, const int C,
+        const T* logits, const long long* labels, T* probs, T* row_loss, const long long rows, const int C,
         const T smoothing, const T one_minus_smoothing, const T invalid_loss) {
-    __shared__ T buf[ROW_BLOCK];
-    const long long row = blockIdx.x;
+    ROW_AND_LANE
     const long long base = row * C;
     T local_max = logits[base];
-    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+    for (int j = lane; j < C; j += 32) {
         const T z = logits[base + j];
         local_max = (z > local_max) ? z : local_max;
     }
-    const T m = row_block_max(local_max, buf);
+    const T m = warp_max(local_max);
     T partial = 0;
-    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+    for (int j = lane; j < C; j += 32) {
         partial += exp(logits[base + j] - m);
     }
-    const T lse = log(row_block_sum(partial, buf));
+    const T lse = log(warp_sum(partial));
     T partial_log_p = 0;
-    for (int j = threadIdx.x; j < C; j += ROW_BLOCK) {
+    for (int j = lane; j < C; j += 32) {
         const T log_p = (logits[base + j] - m) - lse;
         probs[base + j] = exp(log_p);
         partial_log_p += log_p;
     }
-    const T sum_log_p = row_block_sum(partial_log_p, buf);
-    if (threadIdx.x == 0) {
+    const T sum_log_p = warp_sum(partial_log_p);
+    if (lane == 0) {
         const long long label = labels[row];
         T loss = invalid_loss;
         if (label >= 0 && label < C) {
@@ -537,7 +565,9 @@ def _elementwise(name):
 
 def raw_kernel_source(name, dtype_name):
     """The full CUDA source of raw kernel `name` for "float32" or "float64" (also used by the tests)."""
-    return "typedef " + _C_TYPES[dtype_name] + " T;\n" + _ROW_HELPERS + _RAW_SOURCES[name]
+    source = _RAW_SOURCES[name]
+    helpers = _ROW_HELPERS if "ROW_AND_LANE" in source else ""   # the row kernels' warp reductions
+    return "typedef " + _C_TYPES[dtype_name] + " T;\n" + helpers + source
 
 
 def _raw(name, dtype):
@@ -560,6 +590,27 @@ def _float_dtype(*arrays):
     return dtype
 
 
+_ROW_THREADS = (32 * ROWS_PER_BLOCK,)
+
+
+def _row_grid(rows):
+    """Blocks for a row kernel over `rows` rows, ROWS_PER_BLOCK per block (the last may be partly empty)."""
+    blocks = -(-rows // ROWS_PER_BLOCK)
+    if blocks >= 2**31:
+        raise ValueError(f"{rows} rows exceed the row kernels' grid ({2**31 - 1} blocks of {ROWS_PER_BLOCK} rows)")
+    return (blocks,)
+
+
+def _on_device(cupy, **arrays):
+    """TypeError, one line naming the argument, unless every array is a CuPy array: a NumPy array
+    would reach `cupy.ascontiguousarray`, which takes device arrays only (cupy/_core/core.pyx,
+    `ascontiguousarray`), or a kernel launch, which refuses it deep inside CuPy."""
+    for name, array in arrays.items():
+        if not isinstance(array, cupy.ndarray):
+            raise TypeError(f"{name} must be a CuPy array (on the GPU), got {type(array).__module__}."
+                            f"{type(array).__name__}; move the layer to the GPU with .to('gpu')")
+
+
 def _rows(shape):
     rows = 1
     for size in shape[:-1]:
@@ -580,8 +631,19 @@ def gelu_forward(x):
 
 
 def gelu_backward(x, t, grad_out):
-    """dL/dx of tanh-GELU in one launch, from the forward's x and t: `layers.GELU.backward`."""
-    _float_dtype(x, t, grad_out)
+    """dL/dx of tanh-GELU in one launch, from the forward's x and t: `layers.GELU.backward`.
+    grad_out is a CuPy array or a number (the upstream gradient of a 0-d output): a number is passed to
+    the kernel as a scalar, cast to x's dtype (CuPy takes Python and NumPy scalars, never a NumPy array:
+    cupy/_core/_kernel.pyx `_preprocess_arg`, cupy/_core/_scalar.pyx `CScalar`)."""
+    cupy = _cupy()
+    if isinstance(grad_out, cupy.ndarray):
+        _float_dtype(x, t, grad_out)
+    elif numpy.ndim(grad_out) == 0:
+        _float_dtype(x, t)
+        grad_out = float(grad_out)
+    else:
+        raise TypeError(f"grad_out must be a CuPy array or a number, got {type(grad_out).__name__} "
+                        f"of shape {numpy.shape(grad_out)}")
     return _elementwise("scratchvit_gelu_backward")(x, t, grad_out)
 
 
@@ -597,6 +659,7 @@ def layernorm_forward(x, gamma, beta, eps):
     D = x.shape[-1]
     if gamma.shape != (D,) or beta.shape != (D,):
         raise ValueError(f"gamma and beta must have shape ({D},), got {gamma.shape} and {beta.shape}")
+    _on_device(cupy, x=x, gamma=gamma, beta=beta)
     x = cupy.ascontiguousarray(x)
     gamma, beta = cupy.ascontiguousarray(gamma), cupy.ascontiguousarray(beta)
     y = cupy.empty(x.shape, dtype=dtype)
@@ -605,7 +668,8 @@ def layernorm_forward(x, gamma, beta, eps):
     rows = _rows(x.shape)
     if rows and D:
         _raw("scratchvit_layernorm_forward", dtype)(
-            (rows,), (ROW_BLOCK,), (x, gamma, beta, y, xhat, rstd, _int32(D), dtype.type(eps)))
+            _row_grid(rows), _ROW_THREADS, (x, gamma, beta, y, xhat, rstd, numpy.int64(rows), _int32(D),
+                                            dtype.type(eps)))
     return y, xhat, rstd
 
 
@@ -619,13 +683,14 @@ def layernorm_backward(grad_out, xhat, rstd, gamma):
     if xhat.shape != grad_out.shape or gamma.shape != (D,) or rstd.size != _rows(grad_out.shape):
         raise ValueError(f"layernorm_backward: shapes do not match: grad_out {grad_out.shape}, xhat {xhat.shape}, "
                          f"rstd {rstd.shape}, gamma {gamma.shape}")
+    _on_device(cupy, grad_out=grad_out, xhat=xhat, rstd=rstd, gamma=gamma)
     grad_out, xhat = cupy.ascontiguousarray(grad_out), cupy.ascontiguousarray(xhat)
     rstd, gamma = cupy.ascontiguousarray(rstd), cupy.ascontiguousarray(gamma)
     grad_x = cupy.empty(grad_out.shape, dtype=dtype)
     rows = _rows(grad_out.shape)
     if rows and D:
         _raw("scratchvit_layernorm_backward", dtype)(
-            (rows,), (ROW_BLOCK,), (grad_out, xhat, rstd, gamma, grad_x, _int32(D)))
+            _row_grid(rows), _ROW_THREADS, (grad_out, xhat, rstd, gamma, grad_x, numpy.int64(rows), _int32(D)))
     grad_beta = column_sum(grad_out)
     grad_gamma = column_sum(grad_out * xhat)
     return grad_x, grad_gamma, grad_beta
@@ -645,7 +710,7 @@ def softmax_forward(scores, scale=1.0):
     rows, n = _rows(scores.shape), scores.shape[-1]
     if rows and n:
         _raw("scratchvit_softmax_forward", dtype)(
-            (rows,), (ROW_BLOCK,), (scores, probs, _int32(n), dtype.type(scale)))
+            _row_grid(rows), _ROW_THREADS, (scores, probs, numpy.int64(rows), _int32(n), dtype.type(scale)))
     return probs
 
 
@@ -661,7 +726,8 @@ def softmax_backward(probs, grad_probs, scale=1.0):
     rows, n = _rows(probs.shape), probs.shape[-1]
     if rows and n:
         _raw("scratchvit_softmax_backward", dtype)(
-            (rows,), (ROW_BLOCK,), (probs, grad_probs, grad_scores, _int32(n), dtype.type(scale)))
+            _row_grid(rows), _ROW_THREADS, (probs, grad_probs, grad_scores, numpy.int64(rows), _int32(n),
+                                            dtype.type(scale)))
     return grad_scores
 
 
@@ -721,6 +787,95 @@ def merge_grad_qkv(grad_heads, scale):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Matrix products with a transposed operand, through cuBLAS's transpose flag
+# ---------------------------------------------------------------------------------------------------
+
+def _cublas():
+    """CuPy's cuBLAS modules: the thin wrappers (cupy.cublas) and the raw bindings (cupy_backends)."""
+    import cupy.cublas
+    from cupy.cuda import device
+    from cupy_backends.cuda.libs import cublas
+    return cupy.cublas, cublas, device
+
+
+def add_transposed_product(a, b, out):
+    """out += a^T @ b for 2-D a (M, K), b (M, N) and out (K, N), in one cuBLAS call without a temporary:
+    `Linear.backward`'s weight.grad += x_rows.T @ grad_rows.
+
+    cupy.cublas.gemm('T', 'N', a, b, out=out, beta=1.0) (cupy/cublas.py, `gemm`) passes C-contiguous
+    a, b and out straight to cuBLAS, the transposes as flags and out as (out^T = b^T a) in column-major
+    order; an operand neither C- nor F-contiguous would be copied there, and an output neither C- nor
+    F-contiguous copied twice, so a and b are made C-contiguous here (a no-op for the layer's arrays)
+    and an out that is not C-contiguous takes the plain `out += a.T @ b`."""
+    cupy = _cupy()
+    dtype = _float_dtype(a, b, out)
+    _on_device(cupy, a=a, b=b, out=out)
+    M, K = a.shape
+    if b.ndim != 2 or b.shape[0] != M or out.shape != (K, b.shape[1]):
+        raise ValueError(f"add_transposed_product: shapes do not match: a {a.shape}, b {b.shape}, out {out.shape}")
+    if M == 0 or out.size == 0:       # nothing to add (and cuBLAS refuses a leading dimension of 0)
+        return out
+    if not out.flags.c_contiguous:
+        out += a.T @ b
+        return out
+    cublas_module, _, _ = _cublas()
+    a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+    return cublas_module.gemm("T", "N", a, b, out=out, alpha=1.0, beta=1.0)
+
+
+def transposed_product(a, b, out=None):
+    """a^T @ b over the last two axes, batched over the leading ones, in one cuBLAS call: a (..., K, M),
+    b (..., K, N), both C-contiguous with the same leading shape; returns out (..., M, N), C-contiguous
+    (given, or new). Attention's backward computes attn^T @ g_context and g_scores^T @ q_scaled this way.
+
+    Why not `a.transpose(...) @ b`: CuPy's batched matmul (arrays of 3 or more axes) copies every
+    operand that is not C-contiguous (cupy/_core/_routines_linalg.pyx, `matmul`: ascontiguousarray
+    of both operands, then gemmStridedBatchedEx with both transpose flags 0), so a transposed view
+    costs a full copy of a, one launch and its memory traffic. cuBLAS reads a transposed operand in
+    place when told so by its flag, which is what this passes.
+
+    In cuBLAS's column-major terms, a C-contiguous (R, C) matrix is its own transpose (C, R) with leading
+    dimension C. So out^T (N, M) = b^T (N, K) @ a (K, M) is gemm(op_A = N on b's buffer, lda = N;
+    op_B = T on a's buffer, which cuBLAS sees as a^T (M, K) with ldb = M; ldc = N), one matrix per batch
+    entry at strides K*N, K*M and M*N (cublas<t>gemmStridedBatched, cupy_backends/cuda/libs/cublas.pyx)."""
+    cupy = _cupy()
+    dtype = _float_dtype(a, b)
+    _on_device(cupy, a=a, b=b)
+    if a.ndim < 3 or b.ndim != a.ndim or a.shape[:-1] != b.shape[:-1]:
+        raise ValueError(f"transposed_product needs a (..., K, M) and b (..., K, N) with the same leading "
+                         f"shape and K, got {a.shape} and {b.shape}")
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        raise ValueError("transposed_product needs C-contiguous a and b (a copy is what it avoids)")
+    K, M, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    shape = a.shape[:-2] + (M, N)
+    if out is None:
+        out = cupy.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}, got {out.dtype} {out.shape}")
+    batch = _rows(a.shape[:-1])        # the product of the leading axes
+    if out.size == 0:
+        return out
+    if K == 0:                        # an empty sum: cuBLAS would be given lda/ldb it may refuse
+        out.fill(0)
+        return out
+    for size in (M, N, K, batch):
+        _int32(size)
+    _, cublas, device = _cublas()
+    gemm = cublas.sgemmStridedBatched if dtype == numpy.float32 else cublas.dgemmStridedBatched
+    one, zero = numpy.ones((), dtype=dtype), numpy.zeros((), dtype=dtype)   # host scalars: host pointer mode
+    handle = device.get_cublas_handle()
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        gemm(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, N, M, K,
+             one.ctypes.data, b.data.ptr, N, K * N, a.data.ptr, M, K * M,
+             zero.ctypes.data, out.data.ptr, N, M * N, batch)
+    finally:
+        cublas.setPointerMode(handle, mode)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dropout and the residual add
 # ---------------------------------------------------------------------------------------------------
 
@@ -767,6 +922,34 @@ def add_dropout_forward(x, h, p, generator=None, *, uniforms=None):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Data augmentation: whole-pixel shifts
+# ---------------------------------------------------------------------------------------------------
+
+def shift_images(images, shifts, fill):
+    """`data.shift_images` in one launch: image b of (B, C, H, W) `images` translated by the integers
+    shifts[b] = (dy, dx), pixels from outside the image set to `fill` (cast to the images' dtype).
+
+    The plain version is one gather with computed indices: in CuPy, index arithmetic, broadcasting
+    and a take for its four index arrays, then a mask and a where (cupy/_core/_routines_indexing.pyx,
+    `_getitem_multiple`), each a launch of its own; here each output pixel computes its source pixel
+    itself. Copies pixels exactly."""
+    cupy = _cupy()
+    _on_device(cupy, images=images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {images.shape}")
+    batch, channels, height, width = images.shape
+    shifts = cupy.ascontiguousarray(cupy.asarray(shifts), dtype=cupy.int64)   # uploaded if on the host
+    if shifts.shape != (batch, 2):
+        raise ValueError(f"shifts must have shape ({batch}, 2) (dy, dx per image), got {shifts.shape}")
+    images = cupy.ascontiguousarray(images)
+    shifted = cupy.empty(images.shape, dtype=images.dtype)
+    if shifted.size:
+        _elementwise("scratchvit_shift_images")(images, shifts, height, width, channels,
+                                                images.dtype.type(fill), shifted)
+    return shifted
+
+
+# ---------------------------------------------------------------------------------------------------
 # Softmax cross-entropy (the loss)
 # ---------------------------------------------------------------------------------------------------
 
@@ -785,7 +968,7 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     (loss, probs), loss the batch mean as a 0-d CuPy array (no host synchronisation) and probs the
     softmax that the backward needs, as `layers.SoftmaxCrossEntropy.forward`.
 
-    One launch per batch (a block per row: log-sum-exp, the loss terms, probs) plus the mean.
+    One launch per batch (a warp per row: log-sum-exp, the loss terms, probs) plus the mean.
     A label outside [0, C) makes its row's loss NaN (the plain layer checks labels on the host only)."""
     cupy = _cupy()
     dtype = _float_dtype(logits)
@@ -797,7 +980,7 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     row_loss = cupy.empty((B,), dtype=dtype)
     if B and C:
         _raw("scratchvit_cross_entropy_forward", dtype)(
-            (B,), (ROW_BLOCK,), (logits, labels, probs, row_loss, _int32(C),
+            _row_grid(B), _ROW_THREADS, (logits, labels, probs, row_loss, numpy.int64(B), _int32(C),
                                  dtype.type(s), dtype.type(1.0 - s), dtype.type(math.nan)))
     return row_loss.mean(), probs
 

@@ -32,7 +32,7 @@ Parameter names (`named_parameters()`, `state_dict()`), for depth blocks numbere
 """
 import numbers
 
-from .backend import get_array_module, get_backend, host, host_generator, to_host
+from .backend import get_array_module, host, host_generator, to_host
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 
@@ -115,7 +115,7 @@ class ViT(Layer):
         return self.head.forward(cls)                                              # (B, K)
 
     def backward(self, grad_logits):
-        xp = get_array_module(grad_logits)
+        xp = get_array_module(self.pos_embedding.data)      # the model's device, whatever grad_logits is
         # forward: logits = head(norm(x[:, 0]))
         grad_cls = self.norm.backward(self.head.backward(grad_logits))            # (B, D)
         B, D = grad_cls.shape
@@ -132,13 +132,6 @@ class ViT(Layer):
         return self.patchify.backward(self.patch_embed.backward(grad_x[:, 1:]))
 
     # ----------------------------------------------------------------------------------------------
-    def to(self, device):
-        """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero gradients."""
-        backend = get_backend(device)
-        for parameter in self.parameters():
-            parameter.data = backend.asarray(parameter.data)
-        return self
-
     def dropout_layers(self):
         return [layer for layer in self.layers() if isinstance(layer, Dropout)]
 

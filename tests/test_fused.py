@@ -70,7 +70,8 @@ def host_and_device(gpu, array, dtype):
 
 PUBLIC = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
           "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout", "add_dropout_forward",
-          "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm"]
+          "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm", "add_transposed_product",
+          "transposed_product", "shift_images"]
 
 
 def test_module_imports_without_cupy():
@@ -123,6 +124,31 @@ def test_kernel_sources_are_well_formed():
         assert all(line.rstrip().endswith((";", "{", "}")) for line in statements), name
 
 
+ROW_KERNELS = ["scratchvit_layernorm_forward", "scratchvit_layernorm_backward", "scratchvit_softmax_forward",
+               "scratchvit_softmax_backward", "scratchvit_cross_entropy_forward"]
+
+
+@pytest.mark.parametrize("name", ROW_KERNELS)
+def test_row_kernels_reduce_within_a_warp(name):
+    """The row kernels are one warp per row: their sums and maxima are warp shuffles in registers, with no
+    shared memory and no block-wide barrier (which a tree reduction over a block of threads needs)."""
+    source = fused.raw_kernel_source(name, "float64")
+    body = source[source.index('extern "C"'):]
+    assert "ROW_AND_LANE" in body and ("warp_sum(" in body or "warp_max(" in body)
+    assert "__shfl_xor_sync" in source
+    assert "__shared__" not in source and "__syncthreads" not in source
+
+
+def test_row_grid_covers_every_row():
+    """Blocks of ROWS_PER_BLOCK rows: enough for every row, not one more; a grid too large is refused."""
+    for rows in (1, fused.ROWS_PER_BLOCK - 1, fused.ROWS_PER_BLOCK, fused.ROWS_PER_BLOCK + 1, 409600):
+        (blocks,) = fused._row_grid(rows)
+        assert (blocks - 1) * fused.ROWS_PER_BLOCK < rows <= blocks * fused.ROWS_PER_BLOCK
+    assert fused._row_grid((2**31 - 1) * fused.ROWS_PER_BLOCK) == (2**31 - 1,)
+    with pytest.raises(ValueError, match="rows"):
+        fused._row_grid((2**31 - 1) * fused.ROWS_PER_BLOCK + 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # GELU
 # ---------------------------------------------------------------------------------------------------
@@ -149,7 +175,7 @@ def test_gelu_matches_plain_layer(gpu, dtype, shape):
 
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 8), (2, 17, 64), (4, 300), (2, 3, 1024)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 8), (5, 32), (7, 33), (2, 17, 64), (4, 300), (2, 3, 1024)])
 @pytest.mark.parametrize("offset", [0.0, 50.0])
 def test_layernorm_matches_plain_layer(gpu, dtype, shape, offset):
     """y, xhat, rstd and all three gradients, with random gamma and beta; an offset of 50 checks the
@@ -192,7 +218,8 @@ def test_layernorm_takes_non_contiguous_input(gpu, dtype):
 
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 3, 65, 65), (2, 128), (3, 1024), (1, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (5, 32), (6, 33), (9, 50), (2, 3, 65, 65), (2, 128), (3, 1024),
+                                   (1, 300)])
 @pytest.mark.parametrize("scale", [1.0, 0.125, 3.0])
 def test_softmax_matches_plain(gpu, dtype, shape, scale):
     rng = host_rng(4, shape[-1], int(scale * 8))
@@ -415,7 +442,7 @@ def test_dropout_rejects_bad_arguments(gpu):
 
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,C", [(1, 2), (8, 10), (3, 130), (5, 1000)])
+@pytest.mark.parametrize("B,C", [(1, 2), (8, 10), (5, 32), (9, 33), (3, 130), (5, 1000)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("magnitude", [1.0, 1e4])
 def test_cross_entropy_matches_plain_layer(gpu, dtype, B, C, smoothing, magnitude):
@@ -685,3 +712,124 @@ def test_encoder_block_matches_its_plain_steps(backend, dtype, dropout, training
     pairs += [(f"mask {index}", to_host(mine.mask), twin.mask)
               for index, (mine, twin) in enumerate(dropouts) if mine.mask is not None]
     assert_same_results(backend, pairs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers' device checks, GELU's number gradient
+# ---------------------------------------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_backward_takes_a_number(gpu, dtype):
+    """The upstream gradient of a 0-d output may be a Python number: the kernel takes it as a scalar."""
+    layer = GELU()
+    layer.forward(numpy.array(0.7, dtype=dtype))
+    expected = layer.backward(0.5)
+    x_host, x = host_and_device(gpu, 0.7, dtype)
+    y, t = fused.gelu_forward(x)
+    assert_close(fused.gelu_backward(x, t, 0.5), expected, dtype)
+    gpu_layer = GELU()
+    gpu_layer.forward(x)
+    assert_close(gpu_layer.backward(0.5), expected, dtype)
+    with pytest.raises(TypeError, match="grad_out must be a CuPy array or a number"):
+        fused.gelu_backward(x, t, numpy.ones(3, dtype=dtype))
+
+
+@on_gpu
+def test_layernorm_kernels_name_a_host_argument(gpu):
+    x = on_device(gpu, numpy.ones((2, 4)), "float64")
+    gamma, beta = numpy.ones(4), on_device(gpu, numpy.zeros(4), "float64")
+    with pytest.raises(TypeError, match="^gamma must be a CuPy array"):
+        fused.layernorm_forward(x, gamma, beta, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Products through cuBLAS with a transposed operand
+# ---------------------------------------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 3, 4), (5, 1, 7), (7, 6, 1), (1, 1, 1), (64, 16, 48), (300, 64, 192),
+                                   (0, 3, 4)])
+def test_add_transposed_product_accumulates_a_transpose_b(gpu, dtype, M, K, N):
+    """out += a^T b in place (beta = 1: what out held is kept and added to), against NumPy on the host."""
+    rng = host_rng(30, M, K, N)
+    a_host, a = host_and_device(gpu, rng.standard_normal((M, K)), dtype)
+    b_host, b = host_and_device(gpu, rng.standard_normal((M, N)), dtype)
+    out_host, out = host_and_device(gpu, rng.standard_normal((K, N)), dtype)
+    pointer = out.data.ptr
+    result = fused.add_transposed_product(a, b, out)
+    assert result is out and out.data.ptr == pointer
+    assert_close(out, out_host + a_host.T @ b_host, dtype, factor=max(1, M))
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_transposed_product_takes_any_layout(gpu, dtype):
+    """Transposed views for a and b, and an out that is a strided view (the plain fallback)."""
+    rng = host_rng(31)
+    a_host, b_host = rng.standard_normal((6, 9)).T.astype(dtype), rng.standard_normal((5, 9)).T.astype(dtype)
+    big_host = rng.standard_normal((6, 10)).astype(dtype)
+    big = gpu.asarray(big_host)
+    out = big[:, ::2]                                              # (6, 5), not contiguous
+    fused.add_transposed_product(gpu.asarray(a_host.T).T, gpu.asarray(b_host.T).T, out)
+    expected = big_host.copy()
+    expected[:, ::2] += a_host.T @ b_host
+    assert_close(big, expected, dtype, factor=10)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,K,M,N", [((3,), 5, 7, 4), ((2, 4), 50, 50, 16), ((2, 3), 9, 9, 9), ((1,), 1, 1, 1),
+                                        ((2, 2), 0, 3, 4), ((0, 2), 3, 3, 3)])
+def test_transposed_product_is_a_transpose_times_b(gpu, dtype, lead, K, M, N):
+    """a^T b per batch entry, against NumPy's matmul of the transposed view on the host, into a new or
+    a given output."""
+    rng = host_rng(32, K, M, N)
+    a_host, a = host_and_device(gpu, rng.standard_normal(lead + (K, M)), dtype)
+    b_host, b = host_and_device(gpu, rng.standard_normal(lead + (K, N)), dtype)
+    expected = numpy.swapaxes(a_host, -1, -2) @ b_host
+    assert_close(fused.transposed_product(a, b), expected, dtype, factor=max(1, K))
+    out = gpu.xp.full(lead + (M, N), numpy.nan, dtype=dtype)
+    assert fused.transposed_product(a, b, out=out) is out
+    assert_close(out, expected, dtype, factor=max(1, K))
+
+
+@on_gpu
+def test_transposed_product_refuses_what_it_would_copy(gpu):
+    a = on_device(gpu, numpy.ones((2, 3, 4)), "float64")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fused.transposed_product(a.transpose(0, 2, 1).copy().transpose(0, 2, 1), a)
+    with pytest.raises(ValueError, match="same leading shape"):
+        fused.transposed_product(a, a[:1])
+    with pytest.raises(ValueError, match="out must be"):
+        fused.transposed_product(a, a, out=gpu.xp.empty((2, 4, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-pixel shifts
+# ---------------------------------------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 1, 7, 6), (3, 2, 28, 28), (1, 3, 1, 1)])
+@pytest.mark.parametrize("shifts_on", ["device", "host"])
+def test_shift_images_kernel_is_the_plain_gather(gpu, dtype, shape, shifts_on):
+    """data.shift_images on CuPy (one kernel) against data.shift_images on NumPy on host copies: the same
+    pixels bit for bit, shifts from beyond the image (all fill) to zero, the fill cast to the dtype."""
+    from scratchvit.data import shift_images
+    batch, _, height, width = shape
+    rng = host_rng(33, *shape)
+    images_host, images = host_and_device(gpu, rng.standard_normal(shape), dtype)
+    shifts_host = rng.integers(-max(height, width) - 2, max(height, width) + 3, size=(batch, 2))
+    shifts_host[0] = 0
+    shifts = gpu.asarray(shifts_host) if shifts_on == "device" else shifts_host
+    fill = -0.4242640687119285
+    shifted = shift_images(images, shifts, fill)
+    assert shifted.dtype == numpy.dtype(dtype) and type(shifted) is type(images)
+    numpy.testing.assert_array_equal(to_host(shifted), shift_images(images_host, shifts_host, fill))
+    numpy.testing.assert_array_equal(to_host(shifted)[0], images_host[0])
+    transposed = gpu.asarray(numpy.ascontiguousarray(images_host.transpose(0, 1, 3, 2))).transpose(0, 1, 3, 2)
+    numpy.testing.assert_array_equal(to_host(shift_images(transposed, shifts, fill)), to_host(shifted))
+    with pytest.raises(ValueError, match="shifts must have shape"):
+        fused.shift_images(images, gpu.xp.zeros((batch + 1, 2), dtype="int64"), fill)

@@ -147,7 +147,8 @@ def test_every_raw_kernel_source_is_compiled_above():
     """The parametrisation above is the registry itself; fused.py builds every RawKernel from it."""
     names = set(fused._RAW_SOURCES)
     assert {"scratchvit_split_qkv", "scratchvit_merge_grad_qkv", "scratchvit_l2_norm_partials",
-            "scratchvit_l2_norm_finish"} <= names
+            "scratchvit_l2_norm_finish", "scratchvit_layernorm_forward", "scratchvit_softmax_forward"} <= names
+    assert "scratchvit_shift_images" in fused._ELEMENTWISE_SOURCES
     assert not hasattr(fused, "_REDUCTION_SOURCES") and not hasattr(fused, "_reduction")
 
 
@@ -168,7 +169,7 @@ def test_nvrtc_gets_fmad_false_and_ftz_true(nvrtc_only, monkeypatch):
     assert "--fmad=false" in seen[-1] and "-ftz=true" in seen[-1], seen[-1]
 
 
-@pytest.mark.parametrize("name", ["scratchvit_l2_norm_partials", "scratchvit_split_qkv"])
+@pytest.mark.parametrize("name", ["scratchvit_l2_norm_partials", "scratchvit_split_qkv", "scratchvit_softmax_forward"])
 def test_a_broken_raw_kernel_fails_to_compile(nvrtc_only, name):
     """The checks above are not vacuous: the same kernel with one member misspelt fails, with NVRTC's log."""
     kernel = fused._raw(name, numpy.dtype("float64"))

@@ -7,6 +7,7 @@ modify their inputs, and backward adds into parameter gradients.
 Every test that computes with arrays runs on the `backend` fixture (NumPy, and CuPy where it is
 usable); references are computed on the host with NumPy or plain Python.
 """
+import importlib
 import math
 import re
 import warnings
@@ -17,10 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from scratchvit.backend import get_array_module, to_host
+from scratchvit.backend import get_array_module, get_backend, to_host
+from scratchvit.encoder_block import EncoderBlock
 from scratchvit.layers import (GELU, Dropout, LayerNorm, Linear, MultiHeadSelfAttention, Patchify,
                                SoftmaxCrossEntropy, softmax, softmax_backward, softmax_simple)
+from scratchvit.layers import layer as layer_module
 from scratchvit.vit import ViT
+
+from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
 
 # The `backend` fixture is function-scoped but stateless, so reusing it across Hypothesis examples is safe.
 with_backend = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -189,7 +194,7 @@ def test_layernorm_output_has_zero_mean_unit_variance(backend, rows, dim, scale,
     # a shuffled ramp plus a little noise: every row's variance is at least about scale^2 / 4
     pattern = numpy.stack([rng.permutation(numpy.linspace(-1, 1, dim)) for _ in range(rows)])
     x = offset + scale * (pattern + 0.1 * rng.standard_normal((rows, dim)))
-    layer = LayerNorm(dim, dtype="float64")
+    layer = LayerNorm(dim, dtype="float64").to(backend)     # the parameters live where the input does
     y = to_host(layer.forward(backend.asarray(x)))
     numpy.testing.assert_allclose(y.mean(axis=-1), 0.0, rtol=0, atol=1e-10)
     var_x = x.var(axis=-1)
@@ -201,7 +206,7 @@ def test_layernorm_output_has_zero_mean_unit_variance(backend, rows, dim, scale,
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("value", [0.0, 5.0, -1e3])
 def test_layernorm_constant_row_is_finite(backend, dtype, value):
-    layer = LayerNorm(8, dtype=dtype)
+    layer = LayerNorm(8, dtype=dtype).to(backend)
     x = backend.xp.full((3, 8), value, dtype=dtype)
     y = to_host(layer.forward(x))
     assert numpy.all(numpy.isfinite(y))
@@ -409,8 +414,9 @@ def test_cross_entropy_is_finite_for_huge_logits(backend, dtype):
 def test_cross_entropy_out_of_range_labels_raise(backend, request, labels):
     if backend.name == "gpu":
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "softmax_cross_entropy.py checks the label range on NumPy only (xp.__name__ == 'numpy'); "
-            "on CuPy out-of-range labels silently index another class")))
+            "softmax_cross_entropy.py checks the label range on the host only (on the GPU the check would "
+            "wait for the device every step); there the fused kernel gives such a row a NaN loss instead "
+            "of raising (tests/test_fused.py::test_cross_entropy_out_of_range_label_gives_nan_not_a_crash)")))
     layer = SoftmaxCrossEntropy()
     with pytest.raises(ValueError, match="labels"):
         layer.forward(backend.xp.zeros((2, 3)), backend.asarray(labels, dtype="int64"))
@@ -645,3 +651,127 @@ def test_attention_rejects_wrong_input_shape(backend):
     for shape in [(2, 3, 6), (3, 8)]:
         with pytest.raises(ValueError):
             layer.forward(backend.xp.zeros(shape, dtype="float32"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: a layer computes where its parameters live, and picks its device from its own arrays
+# ---------------------------------------------------------------------------------------------
+
+class _StandInDeviceArray(numpy.ndarray):
+    """A NumPy array that a patched `is_gpu_array` calls a device array: CuPy's part, on a CPU."""
+
+
+def _on_stand_in_device(array):
+    return array.view(_StandInDeviceArray)
+
+
+@pytest.mark.parametrize("layer_name", ["Linear", "LayerNorm"])
+@pytest.mark.parametrize("where", ["parameters on the device", "input on the device", "both", "neither"])
+def test_a_layer_refuses_an_input_on_another_device(monkeypatch, layer_name, where):
+    """An input on another device than the layer's parameters is refused by the layer itself, in one line
+    that says what to do; on one device (the stand-in's or the host) the layer computes."""
+    monkeypatch.setattr(layer_module, "is_gpu_array", lambda array: isinstance(array, _StandInDeviceArray))
+    layer = Linear(6, 5, dtype="float64") if layer_name == "Linear" else LayerNorm(6, dtype="float64")
+    x = host_rng(7).standard_normal((2, 3, 6))
+    if where in ("parameters on the device", "both"):
+        for parameter in layer.parameters():
+            parameter.data = _on_stand_in_device(parameter.data)
+    if where in ("input on the device", "both"):
+        x = _on_stand_in_device(x)
+    if where in ("both", "neither"):
+        assert layer.forward(x).shape[:-1] == (2, 3)
+        return
+    with pytest.raises(ValueError, match=rf"^{layer_name}: the input is on the (GPU|CPU) .* but the layer's "
+                                         r"parameters are on the (GPU|CPU) .*; move the layer with \.to\(") as error:
+        layer.forward(x)
+    assert "\n" not in str(error.value)
+
+
+@on_gpu
+@pytest.mark.parametrize("layer_name", ["Linear", "LayerNorm"])
+def test_a_layer_with_host_weights_refuses_a_cupy_input(layer_name):
+    """The fault of issue 15 item 1, on a GPU: host weights and a CuPy input give a one-line ValueError from
+    the layer, not a TypeError from inside CuPy (cupy.ascontiguousarray takes device arrays only)."""
+    gpu = get_backend("gpu")
+    layer = Linear(6, 5, dtype="float64") if layer_name == "Linear" else LayerNorm(6, dtype="float64")
+    with pytest.raises(ValueError, match=rf"^{layer_name}: the input is on the GPU .*\.to\(\"gpu\"\)"):
+        layer.forward(gpu.asarray(numpy.ones((2, 6))))
+    layer.to(gpu)
+    assert_on_backend(layer.forward(gpu.asarray(numpy.ones((2, 6)))), gpu)
+
+
+# The modules whose layers choose a device (NumPy or CuPy, plain or fused) with these two functions.
+_DISPATCHING_MODULES = ("scratchvit.layers.gelu", "scratchvit.layers.layernorm", "scratchvit.layers.linear",
+                        "scratchvit.layers.attention", "scratchvit.layers.softmax",
+                        "scratchvit.layers.softmax_cross_entropy", "scratchvit.layers.dropout", "scratchvit.vit",
+                        "scratchvit.encoder_block")
+
+
+def _record_device_queries(monkeypatch):
+    """Every argument later given to is_gpu_array / get_array_module by a layer module, in a list."""
+    queried = []
+    for module_name in _DISPATCHING_MODULES:
+        module = importlib.import_module(module_name)
+        for function_name in ("is_gpu_array", "get_array_module"):
+            original = getattr(module, function_name, None)
+            if original is None:
+                continue
+
+            def record(*arrays, original=original):
+                queried.extend(arrays)
+                return original(*arrays)
+            monkeypatch.setattr(module, function_name, record)
+    return queried
+
+
+def _small_vit():
+    return ViT(image_size=4, patch_size=2, num_classes=3, dim=4, depth=1, heads=2, mlp_dim=8, dropout=0.2,
+               emb_dropout=0.2, dtype="float64")
+
+
+# name -> (layer, input shapes, the upstream gradient's shape: None for a 0-d output)
+_DEVICE_CASES = {
+    "Linear": (lambda: Linear(6, 5, dtype="float64"), [(2, 3, 6)], (2, 3, 5)),
+    "LayerNorm": (lambda: LayerNorm(6, dtype="float64"), [(2, 3, 6)], (2, 3, 6)),
+    "GELU": (GELU, [(2, 3)], (2, 3)),
+    "Dropout": (lambda: Dropout(0.5, seed=1), [(2, 3)], (2, 3)),
+    "MultiHeadSelfAttention": (lambda: MultiHeadSelfAttention(4, 2, dtype="float64"), [(2, 3, 4)], (2, 3, 4)),
+    "EncoderBlock": (lambda: EncoderBlock(4, 2, 8, dropout=0.2, dtype="float64"), [(2, 3, 4)], (2, 3, 4)),
+    "ViT": (_small_vit, [(2, 1, 4, 4)], (2, 3)),
+    "Patchify": (lambda: Patchify(2), [(2, 1, 4, 4)], (2, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEVICE_CASES))
+def test_backward_takes_its_device_from_the_layer_not_from_grad_out(monkeypatch, name):
+    """Issue 15 item 2: a layer's backward picks NumPy or CuPy (plain or fused) from what its forward kept
+    or from its parameters, never from grad_out, which may be a Python number: with a number and CuPy
+    arrays kept, the NumPy branch would run and fail. Here every argument of is_gpu_array and
+    get_array_module in the layer modules is recorded during backward: grad_out is never among them."""
+    make, input_shapes, grad_shape = _DEVICE_CASES[name]
+    layer = make()
+    rng = host_rng(8)
+    layer.forward(*[rng.standard_normal(shape) for shape in input_shapes])
+    grad_out = rng.standard_normal(grad_shape)
+    queried = _record_device_queries(monkeypatch)
+    layer.backward(grad_out)
+    assert not any(argument is grad_out for argument in queried), f"{name}.backward asked grad_out for its device"
+
+
+@pytest.mark.parametrize("name", ["GELU", "SoftmaxCrossEntropy"])
+def test_backward_of_a_0d_output_takes_a_python_number(monkeypatch, name):
+    """The upstream gradient of a 0-d output may be a Python number: backward works with it and never asks
+    it for a device (on a GPU, GELU's did, took the NumPy branch and failed)."""
+    if name == "GELU":
+        layer = GELU()
+        layer.forward(numpy.array(0.7))
+    else:
+        layer = SoftmaxCrossEntropy()
+        layer.forward(host_rng(9).standard_normal((2, 3)), numpy.array([0, 2]))
+    queried = _record_device_queries(monkeypatch)
+    grad = layer.backward(0.5)
+    assert not any(isinstance(argument, (int, float)) for argument in queried)
+    if name == "GELU":   # 0.5 * dy/dx at 0.7, by central differences of the forward formula
+        def gelu(x):
+            return 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+        assert float(grad) == pytest.approx(0.5 * (gelu(0.7 + 1e-6) - gelu(0.7 - 1e-6)) / 2e-6, rel=1e-7)

@@ -26,8 +26,11 @@ On the GPU (CuPy arrays) the data movement runs as two fused kernels (fused.py),
     merge_grad_qkv  backward: g_q = g_q_scaled * scale and the merge into (B, T, 3D), one launch (2)
   and grad_context is made contiguous once, because CuPy's batched matmul copies every operand that
   is not C-contiguous (cupy/_core/_routines_linalg.pyx, `matmul`) and grad_context feeds two products.
-  Launches per forward + backward, a cuBLAS call counted as one: 9 + 19, of which the two Linears
-  take 4 + 10 (the same steps as plain CuPy array operations: 13 + 21). scale stays on q, as on the
+  For the same reason the two products with a transposed (B, H, T, T) operand, attn^T g_context and
+  g_scores^T q_scaled, go to cuBLAS with its transpose flag (fused.transposed_product) instead of
+  through matmul, which would copy attn and g_scores, the largest arrays of the layer, first.
+  Launches per forward + backward, a cuBLAS call counted as one: 9 + 15, of which the two Linears
+  take 4 + 8 (the same steps as plain CuPy array operations: 13 + 21). scale stays on q, as on the
   CPU: passing it to the softmax kernels' `scale` argument instead would also drop `g_q *= scale`,
   but merge_grad_qkv does that multiply inside a launch that the merge needs anyway, so it would
   save nothing more.
@@ -86,7 +89,7 @@ class MultiHeadSelfAttention(Layer):
         return self.proj.forward(merged)
 
     def backward(self, grad_out):
-        xp = get_array_module(grad_out)
+        xp = get_array_module(self.attn)                     # the device of what forward kept
         B, T, D = grad_out.shape
         H, d = self.heads, self.head_dim
         q_scaled, k, v_transposed, attn = self.q_scaled, self.k, self.v_transposed, self.attn
@@ -94,19 +97,26 @@ class MultiHeadSelfAttention(Layer):
         grad_merged = self.proj.backward(grad_out)                                 # (B, T, D)
         # forward: merged = context.transpose(0, 2, 1, 3).reshape(B, T, D)
         grad_context = grad_merged.reshape(B, T, H, d).transpose(0, 2, 1, 3)       # (B, H, T, d)
-        on_gpu = is_gpu_array(grad_out)
+        on_gpu = is_gpu_array(attn)
         if on_gpu:                           # one copy, not one inside each of the two products below
             grad_context = xp.ascontiguousarray(grad_context)
         # the gradients of q, k and v are written straight into one (3, B, H, T, d) buffer
         grad_qkv = xp.empty((3, B, H, T, d), dtype=grad_out.dtype)
         # forward: context = attn @ v
         grad_attn = grad_context @ v_transposed                                    # (B, H, T, T)
-        xp.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])       # g_v = attn^T g_context
+        if on_gpu:                           # attn^T read in place by cuBLAS, not copied (fused.py)
+            from ..fused import transposed_product
+            transposed_product(attn, grad_context, out=grad_qkv[2])                # g_v = attn^T g_context
+        else:
+            xp.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])   # g_v = attn^T g_context
         # forward: attn = softmax(scores)
         grad_scores = softmax_backward(attn, grad_attn, overwrite=True)            # (B, H, T, T)
         # forward: scores = q_scaled @ k^T, q_scaled = q * scale
         xp.matmul(grad_scores, k, out=grad_qkv[0])                                 # g_q_scaled = g_scores k
-        xp.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])    # g_k = g_scores^T q_scaled
+        if on_gpu:
+            transposed_product(grad_scores, q_scaled, out=grad_qkv[1])             # g_k = g_scores^T q_scaled
+        else:
+            xp.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])
         # forward: q_scaled = q * scale, with q, k, v = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)
         if on_gpu:                           # both steps below in one launch (fused.py)
             from ..fused import merge_grad_qkv

@@ -54,10 +54,10 @@ class GELU(Layer):
 
     def backward(self, grad_out):
         x, t = self.x, self.t
-        if is_gpu_array(grad_out):
+        if is_gpu_array(x):                  # the device of what forward kept: grad_out may be a Python number
             from ..fused import gelu_backward
             return gelu_backward(x, t, grad_out)
-        xp = get_array_module(grad_out)
+        xp = get_array_module(x)
         # forward: u = c * (x + a x^3)  ->  du/dx = c * (1 + 3a x^2)
         dy_dx = x * x
         dy_dx *= 3.0 * SQRT_2_OVER_PI * CUBIC_COEFFICIENT

@@ -13,8 +13,26 @@ so a parameter used twice, or gradients summed over several batches, come out ri
 
 Sub-layers and parameters are found by walking the layer's attributes in the order they were
 set, lists of layers included, which gives stable dotted names such as `blocks.0.attn.qkv.weight`.
+
+Devices. A layer's parameters are created on the host; `layer.to("gpu")` moves them, and the layer
+then computes on that device. Every layer takes its device (its array module, and whether to use a
+GPU kernel) from the arrays it owns: its parameters, or what its forward kept. Never from
+`backward`'s argument, which may be a Python number (the upstream gradient of a scalar output).
+An input on another device than the layer's parameters is refused with a one-line ValueError
+(`check_same_device`) instead of failing deep inside NumPy or CuPy.
 """
-from ..backend import get_array_module
+from ..backend import get_array_module, get_backend, is_gpu_array
+
+
+def check_same_device(layer_name, x, parameter):
+    """ValueError, one line, unless the array x is on the device of `parameter` (a Parameter).
+
+    Costs one type comparison when x and the parameter are of one array type (the normal case)."""
+    if type(x) is not type(parameter.data) and is_gpu_array(x) != is_gpu_array(parameter.data):
+        where = {True: "the GPU (a CuPy array)", False: "the CPU (a NumPy array)"}
+        raise ValueError(f"{layer_name}: the input is on {where[is_gpu_array(x)]} but the layer's parameters "
+                         f"are on {where[is_gpu_array(parameter.data)]}; move the layer with "
+                         f".to(\"{'gpu' if is_gpu_array(x) else 'cpu'}\") (as a model is moved)")
 
 
 class Parameter:
@@ -104,3 +122,11 @@ class Layer:
 
     def eval(self):
         return self.train(False)
+
+    def to(self, device):
+        """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero
+        gradients. The layer then computes on that device: this is how a model, or a layer alone, is moved."""
+        backend = get_backend(device)
+        for parameter in self.parameters():
+            parameter.data = backend.asarray(parameter.data)
+        return self

@@ -28,7 +28,7 @@ Backward, the same steps in reverse, with g_i = dL/dy_i (sums over i run over th
 On the GPU, forward and the input gradient each run as one fused CuPy kernel (fused.py) with
 these same formulas; tests/test_fused.py holds the two against each other.
 """
-from .layer import Layer, Parameter
+from .layer import Layer, Parameter, check_same_device
 from .reductions import column_sum, row_mean
 from ..backend import get_array_module, host, is_gpu_array
 
@@ -49,6 +49,7 @@ class LayerNorm(Layer):
         xp = get_array_module(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"LayerNorm expects inputs whose last axis is dim={self.dim}, got shape {x.shape}")
+        check_same_device("LayerNorm", x, self.weight)
         if is_gpu_array(x):                  # on the GPU these steps run as one fused kernel
             from ..fused import layernorm_forward
             y, self.xhat, self.rstd = layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
@@ -67,7 +68,7 @@ class LayerNorm(Layer):
 
     def backward(self, grad_out):
         xhat, rstd = self.xhat, self.rstd
-        if is_gpu_array(grad_out):
+        if is_gpu_array(xhat):               # the device of what forward kept, not of grad_out
             from ..fused import layernorm_backward
             grad_x, grad_gamma, grad_beta = layernorm_backward(grad_out, xhat, rstd, self.weight.data)
             self.weight.grad += grad_gamma
