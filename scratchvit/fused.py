@@ -24,6 +24,7 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws; two for 
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
 | l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 2        |
+| weight_average_update                    | weight_average.py  WeightAverage.update (3)              | 1        |
 | shift_images                             | data.py  shift_images (a multi-array gather: index       | 1        |
 |                                          | preparation and a take per index array, mask, where)     |          |
 | add_transposed_product (cuBLAS)          | linear.py backward: weight.grad += X^T G (2 launches and | 1        |
@@ -88,7 +89,7 @@ from .layers.reductions import column_sum
 __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
            "softmax_forward", "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout",
            "add_dropout_forward", "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm",
-           "add_transposed_product", "transposed_product", "shift_images",
+           "add_transposed_product", "transposed_product", "shift_images", "weight_average_update",
            "ROWS_PER_BLOCK", "NORM_BLOCK", "NORM_GRID"]
 
 ROWS_PER_BLOCK = 4   # rows per block of the row-wise raw kernels: one warp each, so blocks of 128 threads
@@ -200,6 +201,12 @@ _ELEMENTWISE_SOURCES = {
         "} else {\n"
         "    shifted = fill;\n"
         "}\n",
+    ),
+    # weight_average.py WeightAverage.update: step = theta - average;  step *= rate;  average += step
+    "scratchvit_weight_average_update": (
+        "T weights, T rate",
+        "T average",
+        "average = average + (weights - average) * rate;\n",
     ),
     # optim.py AdamW.step, decay with a per-element mask (parameter groups with different decays)
     "scratchvit_adamw_masked": (
@@ -608,7 +615,7 @@ def _on_device(cupy, **arrays):
     for name, array in arrays.items():
         if not isinstance(array, cupy.ndarray):
             raise TypeError(f"{name} must be a CuPy array (on the GPU), got {type(array).__module__}."
-                            f"{type(array).__name__}; move the layer to the GPU with .to('gpu')")
+                            f"{type(array).__name__}")
 
 
 def _rows(shape):
@@ -808,8 +815,10 @@ def add_transposed_product(a, b, out):
     F-contiguous copied twice, so a and b are made C-contiguous here (a no-op for the layer's arrays)
     and an out that is not C-contiguous takes the plain `out += a.T @ b`."""
     cupy = _cupy()
-    dtype = _float_dtype(a, b, out)
     _on_device(cupy, a=a, b=b, out=out)
+    if a.ndim != 2 or not (a.dtype == b.dtype == out.dtype) or out.dtype.name not in _C_TYPES:
+        out += a.T @ b                # another dtype or shape: CuPy's own rules (and errors)
+        return out
     M, K = a.shape
     if b.ndim != 2 or b.shape[0] != M or out.shape != (K, b.shape[1]):
         raise ValueError(f"add_transposed_product: shapes do not match: a {a.shape}, b {b.shape}, out {out.shape}")
@@ -973,6 +982,7 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     cupy = _cupy()
     dtype = _float_dtype(logits)
     B, C = _batch_and_classes("logits", logits, labels)
+    _on_device(cupy, logits=logits, labels=labels)
     s = float(label_smoothing)
     logits = cupy.ascontiguousarray(logits)
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
@@ -995,6 +1005,7 @@ def cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_loss=1.0):
     cupy = _cupy()
     dtype = _float_dtype(probs)
     B, C = _batch_and_classes("probs", probs, labels)
+    _on_device(cupy, probs=probs, labels=labels)
     s = float(label_smoothing)
     probs = cupy.ascontiguousarray(probs)
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
@@ -1034,6 +1045,19 @@ def adamw_step(data, grad, exp_avg, exp_avg_sq, decay_mask, lr, beta1, beta2, ep
             grad, decay_mask, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
             1.0 / math.sqrt(bias_correction2), eps, lr / bias_correction1,
             data, exp_avg, exp_avg_sq)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight average
+# ---------------------------------------------------------------------------------------------------
+
+def weight_average_update(weights, average, rate):
+    """average += (weights - average) * rate in place, in one launch and without a temporary:
+    `WeightAverage.update`'s three array operations (subtract into a new array, scale, add)."""
+    _float_dtype(weights, average)
+    if weights.shape != average.shape:
+        raise ValueError(f"weights {weights.shape} and average {average.shape} must have the same shape")
+    _elementwise("scratchvit_weight_average_update")(weights, float(rate), average)
 
 
 # ---------------------------------------------------------------------------------------------------

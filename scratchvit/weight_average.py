@@ -10,14 +10,14 @@ warm-up of d_t (TensorFlow's ExponentialMovingAverage with num_updates) lets the
 random initial weights quickly: d_1 = 0.18, d_100 = 0.93. It starts equal to the weights, so a model
 whose weights never change averages to exactly itself.
 
-It works on AdamW's flat weight buffer (optim.py), so an update is two array operations over all
-weights at once (on the GPU, two kernels), and `in_place_of_weights()` swaps the average into that
-buffer: every view of it (the model's parameters, TrainStep's replicas) then computes with the
-average, for evaluation and for saving it, and the trained weights come back afterwards.
+It works on AdamW's flat weight buffer (optim.py), so an update is three array operations over all
+weights at once (on the GPU one kernel, fused.weight_average_update), and `in_place_of_weights()` swaps
+the average into that buffer: every view of it (the model's parameters, TrainStep's replicas) then
+computes with the average, for evaluation and for saving it, and the trained weights come back afterwards.
 """
 import contextlib
 
-from .backend import get_array_module
+from .backend import get_array_module, is_gpu_array
 
 
 class WeightAverage:
@@ -36,12 +36,15 @@ class WeightAverage:
 
     def update(self):
         """Move the average towards the weights; call after every optimiser step."""
-        xp = get_array_module(self.weights)
         rate = 1.0 - self.current_decay()
-        # average += (1 - d) (theta - average), in two in-place operations (no host sync on the GPU)
-        step = xp.subtract(self.weights, self.average)
-        step *= rate
-        self.average += step
+        if is_gpu_array(self.weights):       # the same three steps in one launch, without the temporary
+            from .fused import weight_average_update
+            weight_average_update(self.weights, self.average, rate)
+        else:
+            # average += (1 - d) (theta - average)
+            step = get_array_module(self.weights).subtract(self.weights, self.average)
+            step *= rate
+            self.average += step
         self.updates += 1
 
     @contextlib.contextmanager

@@ -741,6 +741,8 @@ def test_layernorm_kernels_name_a_host_argument(gpu):
     gamma, beta = numpy.ones(4), on_device(gpu, numpy.zeros(4), "float64")
     with pytest.raises(TypeError, match="^gamma must be a CuPy array"):
         fused.layernorm_forward(x, gamma, beta, 1e-5)
+    with pytest.raises(TypeError, match="^labels must be a CuPy array"):
+        SoftmaxCrossEntropy().forward(on_device(gpu, numpy.zeros((2, 3)), "float64"), numpy.array([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------------------
