@@ -48,10 +48,10 @@ Two kinds of kernel:
   `typedef double T;` in front of the source:
   - row-wise work (LayerNorm, softmax, cross-entropy): one warp (32 threads) per row, ROWS_PER_BLOCK
     rows per block, each lane striding over its row, sums and maxima by warp shuffles (`__shfl_xor_sync`)
-    in registers: no shared memory, no block-wide synchronisation. The rows here are short (50 to 64
-    attention scores or features, 10 logits), so a warp has about one or two elements per lane, where
-    a block of 128 threads per row would leave most threads idle. Rows may have any length (the lanes
-    loop), not only up to 32;
+    in registers: no shared memory, no block-wide synchronisation. The rows here are short (tens of
+    attention scores or features, 10 logits): a whole block of threads per row would leave most of
+    them idle and synchronise the block at every step of its reductions. Rows may have any length
+    (the lanes loop), not only up to 32;
   - the attention layouts (split_qkv, merge_grad_qkv): a grid-stride loop, one thread per element
     of a (B, T, D) array, each moving that element's three values (q, k, v);
   - the gradient norm: two launches of fixed size (NORM_GRID blocks of NORM_BLOCK threads, then one
@@ -60,11 +60,16 @@ Two kinds of kernel:
   a full reduction of a contiguous array of 128 or more elements runs through CuPy's own CUB kernels
   (cupy/_core/_cub_reduction.pyx: two launches, source generated in Cython code, compiled by NVRTC
   without the options given to the ReductionKernel), which tests/test_fused_compiles.py cannot build.
+Besides the kernels, two products go to cuBLAS directly, with its transpose flag, where CuPy's own
+routine would first copy a transposed operand or allocate a temporary (add_transposed_product,
+transposed_product: see each one for the CuPy source that decides it).
 
 Import without CuPy: nothing here imports CuPy at module level. Kernels are built on first use and
 cached in module-level dicts (`_elementwise_kernels`, `_raw_kernels`), so each is defined once per
 process, never per call. The functions take and return CuPy arrays of dtype float32 or float64
-(labels: any integer dtype); inputs of one call must share a dtype. None of them synchronises with
+(labels: any integer dtype; shift_images: any dtype); inputs of one call must share a dtype. Those
+that take a layer's parameters or labels, the cuBLAS products and shift_images refuse a NumPy array
+with a one-line TypeError naming the argument. None of them synchronises with
 the host.
 
 Arithmetic follows the plain formulas step by step (same operation order, constants cast to the

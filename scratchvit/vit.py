@@ -35,6 +35,7 @@ import numbers
 from .backend import get_array_module, host, host_generator, to_host
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
+from .layers.layer import check_same_device
 
 # cls_token and pos_embedding start as standard Gaussian noise, as in vit-pytorch (timm uses 0.02). Measured
 # here on MNIST, one epoch on 20,000 images at batch 32 with ±1-pixel shifts: 94.6% test accuracy with
@@ -99,6 +100,7 @@ class ViT(Layer):
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"images must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
                              f"(channels, image_size, image_size), got {images.shape}")
+        check_same_device("ViT", images, self.cls_token)
         if images.dtype != self.dtype:
             images = images.astype(self.dtype)      # a float32 model stays float32, whatever the images are
         B = images.shape[0]
