@@ -24,6 +24,7 @@ arithmetic in one launch (two for dropout, whose uniforms cuRAND draws; two for 
 | cross_entropy_forward / _backward        | layers/softmax_cross_entropy.py  SoftmaxCrossEntropy     | 2 / 1    |
 | adamw_step                               | optim.py  AdamW.step (about 12 launches)                 | 1        |
 | l2_norm                                  | optim.py  AdamW.grad_norm, sqrt(g . g)                   | 2        |
+| scale_to_max_norm                        | optim.py  AdamW.clip_grad_norm's scaling (5)             | 1        |
 | weight_average_update                    | weight_average.py  WeightAverage.update (3)              | 1        |
 | shift_images                             | data.py  shift_images (a multi-array gather: index       | 1        |
 |                                          | preparation and a take per index array, mask, where)     |          |
@@ -95,6 +96,7 @@ __all__ = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_back
            "softmax_forward", "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout",
            "add_dropout_forward", "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm",
            "add_transposed_product", "transposed_product", "shift_images", "weight_average_update",
+           "scale_to_max_norm",
            "ROWS_PER_BLOCK", "NORM_BLOCK", "NORM_GRID"]
 
 ROWS_PER_BLOCK = 4   # rows per block of the row-wise raw kernels: one warp each, so blocks of 128 threads
@@ -206,6 +208,15 @@ _ELEMENTWISE_SOURCES = {
         "} else {\n"
         "    shifted = fill;\n"
         "}\n",
+    ),
+    # optim.py AdamW.clip_grad_norm: grad *= minimum(1, max_norm / (norm + eps)), norm a 0-d device
+    # array read by every thread. `factor > 1 ? 1 : factor` keeps a NaN factor NaN, as numpy.minimum does.
+    "scratchvit_scale_to_max_norm": (
+        "raw T norm, T max_norm, T eps",
+        "T grad",
+        "T factor = max_norm / (norm[0] + eps);\n"
+        "factor = (factor > (T)1) ? (T)1 : factor;\n"
+        "grad = grad * factor;\n",
     ),
     # weight_average.py WeightAverage.update: step = theta - average;  step *= rate;  average += step
     "scratchvit_weight_average_update": (
@@ -1050,6 +1061,18 @@ def adamw_step(data, grad, exp_avg, exp_avg_sq, decay_mask, lr, beta1, beta2, ep
             grad, decay_mask, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr * weight_decay,
             1.0 / math.sqrt(bias_correction2), eps, lr / bias_correction1,
             data, exp_avg, exp_avg_sq)
+
+
+def scale_to_max_norm(grad, norm, max_norm, eps):
+    """grad *= minimum(1, max_norm / (norm + eps)) in place, in one launch, `norm` a 0-d CuPy array read
+    on the device (no host synchronisation): `AdamW.clip_grad_norm`'s scaling, which as array operations
+    is five launches on 0-d temporaries and the multiply."""
+    cupy = _cupy()
+    _on_device(cupy, grad=grad, norm=norm)
+    _float_dtype(grad, norm)
+    if norm.size != 1:
+        raise ValueError(f"norm must hold one value, got shape {norm.shape}")
+    _elementwise("scratchvit_scale_to_max_norm")(norm.reshape(1), float(max_norm), float(eps), grad)
 
 
 # ---------------------------------------------------------------------------------------------------

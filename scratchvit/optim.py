@@ -26,6 +26,8 @@ import math
 
 from .backend import get_array_module, is_gpu_array, to_host
 
+CLIP_EPS = 1e-6   # clip_grad_norm scales by max_norm / (norm + CLIP_EPS), as torch.nn.utils.clip_grad_norm_
+
 
 class AdamW:
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -123,7 +125,11 @@ class AdamW:
             raise ValueError(f"max_norm must be positive, got {max_norm!r}")
         xp = get_array_module(self.grad)
         norm = self.grad_norm()
-        self.grad *= xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(self.grad.dtype)
+        if is_gpu_array(self.grad):          # the line below in one launch, the norm read on the device
+            from .fused import scale_to_max_norm
+            scale_to_max_norm(self.grad, norm, max_norm, CLIP_EPS)
+            return norm
+        self.grad *= xp.minimum(1.0, max_norm / (norm + CLIP_EPS)).astype(self.grad.dtype)
         return norm
 
     def _resync_replaced_parameters(self):

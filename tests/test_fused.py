@@ -71,7 +71,7 @@ def host_and_device(gpu, array, dtype):
 PUBLIC = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
           "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout", "add_dropout_forward",
           "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm", "add_transposed_product",
-          "transposed_product", "shift_images"]
+          "transposed_product", "shift_images", "weight_average_update", "scale_to_max_norm"]
 
 
 def test_module_imports_without_cupy():
@@ -835,3 +835,27 @@ def test_shift_images_kernel_is_the_plain_gather(gpu, dtype, shape, shifts_on):
     numpy.testing.assert_array_equal(to_host(shift_images(transposed, shifts, fill)), to_host(shifted))
     with pytest.raises(ValueError, match="shifts must have shape"):
         fused.shift_images(images, gpu.xp.zeros((batch + 1, 2), dtype="int64"), fill)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gradient clipping's scaling
+# ---------------------------------------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [30.0, 1.0, 0.2, 0.0, math.nan])
+def test_scale_to_max_norm_is_the_plain_clip(gpu, dtype, norm):
+    """grad *= minimum(1, max_norm / (norm + eps)), the plain line of AdamW.clip_grad_norm run by NumPy on
+    the host: scaled down above max_norm, unchanged (bit for bit) below, NaN kept NaN."""
+    from scratchvit.optim import CLIP_EPS
+    rng = host_rng(40)
+    grad_host, grad = host_and_device(gpu, rng.standard_normal(1000), dtype)
+    norm_host, norm_device = host_and_device(gpu, norm, dtype)
+    expected = grad_host * numpy.minimum(1.0, 1.0 / (norm_host + CLIP_EPS)).astype(dtype)
+    fused.scale_to_max_norm(grad, norm_device, 1.0, CLIP_EPS)
+    if norm < 1.0:
+        numpy.testing.assert_array_equal(to_host(grad), grad_host)
+    elif math.isnan(norm):
+        assert numpy.isnan(to_host(grad)).all()
+    else:
+        assert_close(grad, expected, dtype)
