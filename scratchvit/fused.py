@@ -883,21 +883,30 @@ def transposed_product(a, b, out=None):
     if K == 0:                        # an empty sum: cuBLAS would be given lda/ldb it may refuse
         out.fill(0)
         return out
-    for size in (M, N, K, batch):
-        _int32(size)
+    (op_a, op_b, m, n, k, lda, stride_a, ldb, stride_b, ldc, stride_c, batch) = _transposed_product_gemm(K, M, N, batch)
     _, cublas, device = _cublas()
     gemm = cublas.sgemmStridedBatched if dtype == numpy.float32 else cublas.dgemmStridedBatched
+    ops = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
     one, zero = numpy.ones((), dtype=dtype), numpy.zeros((), dtype=dtype)   # host scalars: host pointer mode
     handle = device.get_cublas_handle()
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        gemm(handle, cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T, N, M, K,
-             one.ctypes.data, b.data.ptr, N, K * N, a.data.ptr, M, K * M,
-             zero.ctypes.data, out.data.ptr, N, M * N, batch)
+    try:                              # cuBLAS's A is b's buffer, its B is a's (see the docstring)
+        gemm(handle, ops[op_a], ops[op_b], m, n, k, one.ctypes.data, b.data.ptr, lda, stride_a,
+             a.data.ptr, ldb, stride_b, zero.ctypes.data, out.data.ptr, ldc, stride_c, batch)
     finally:
         cublas.setPointerMode(handle, mode)
     return out
+
+
+def _transposed_product_gemm(K, M, N, batch):
+    """The arguments of cublas<t>gemmStridedBatched for out = a^T @ b (transposed_product's docstring):
+    (op_A, op_B, m, n, k, lda, strideA, ldb, strideB, ldc, strideC, batchCount), cuBLAS's A being b's
+    C-contiguous (K, N) buffer and its B being a's (K, M) buffer. Kept apart so that a test can run them
+    through a column-major gemm written in NumPy."""
+    for size in (M, N, K, batch):
+        _int32(size)
+    return "N", "T", N, M, K, N, K * N, M, K * M, N, M * N, batch
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -859,3 +859,36 @@ def test_scale_to_max_norm_is_the_plain_clip(gpu, dtype, norm):
         assert numpy.isnan(to_host(grad)).all()
     else:
         assert_close(grad, expected, dtype)
+
+
+def _column_major_gemm_strided_batched(op_a, op_b, m, n, k, buffer_a, lda, stride_a, buffer_b, ldb, stride_b,
+                                       buffer_c, ldc, stride_c, batch):
+    """cublas<t>gemmStridedBatched with alpha = 1, beta = 0, as cuBLAS defines it, on flat NumPy buffers:
+    C_i = op(A_i) op(B_i), matrices in column-major order (element (r, c) of a matrix with leading
+    dimension ld at r + c * ld), A_i starting at i * stride_a (B_i, C_i likewise)."""
+    def matrix(buffer, start, rows, cols, ld):
+        item = buffer.itemsize
+        return numpy.lib.stride_tricks.as_strided(buffer[start:], shape=(rows, cols), strides=(item, ld * item))
+
+    for i in range(batch):
+        a = matrix(buffer_a, i * stride_a, m, k, lda) if op_a == "N" else matrix(buffer_a, i * stride_a, k, m, lda).T
+        b = matrix(buffer_b, i * stride_b, k, n, ldb) if op_b == "N" else matrix(buffer_b, i * stride_b, n, k, ldb).T
+        matrix(buffer_c, i * stride_c, m, n, ldc)[...] = a @ b
+
+
+@pytest.mark.parametrize("lead,K,M,N", [((3,), 5, 7, 4), ((2, 4), 50, 50, 16), ((1,), 1, 1, 1), ((2,), 6, 1, 3),
+                                        ((2,), 6, 3, 1)])
+def test_transposed_product_gives_cublas_the_right_layout(lead, K, M, N):
+    """Runs on a CPU: the leading dimensions, strides and transpose flags that transposed_product hands
+    to cuBLAS, put through a column-major strided-batched gemm written in NumPy, give a^T @ b for
+    C-contiguous a (..., K, M) and b (..., K, N), in the C-contiguous layout of out (..., M, N)."""
+    rng = host_rng(34, K, M, N)
+    a, b = rng.standard_normal(lead + (K, M)), rng.standard_normal(lead + (K, N))
+    batch = int(numpy.prod(lead))
+    out = numpy.full(lead + (M, N), numpy.nan)
+    op_a, op_b, m, n, k, lda, stride_a, ldb, stride_b, ldc, stride_c, count = fused._transposed_product_gemm(
+        K, M, N, batch)
+    assert (lda >= max(1, m if op_a == "N" else k)) and (ldb >= max(1, k if op_b == "N" else n)) and ldc >= max(1, m)
+    _column_major_gemm_strided_batched(op_a, op_b, m, n, k, b.reshape(-1), lda, stride_a, a.reshape(-1), ldb,
+                                       stride_b, out.reshape(-1), ldc, stride_c, count)
+    numpy.testing.assert_allclose(out, numpy.swapaxes(a, -1, -2) @ b, rtol=1e-12, atol=1e-12)
