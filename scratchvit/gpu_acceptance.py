@@ -530,7 +530,8 @@ def judge_bench(outcome, *, batch_size, torch_expected):
 
 
 def judge_inference(outcome):
-    reports = [obj["inference"] for obj in parse_json_objects(outcome.log_text) if isinstance(obj.get("inference"), dict)]
+    reports = [obj["inference"] for obj in parse_json_objects(outcome.log_text)
+               if isinstance(obj.get("inference"), dict)]
     if not reports:
         return {}, ["no inference comparison in the log"]
     figures = reports[-1]
@@ -545,8 +546,9 @@ def judge_mpi(outcome, *, exchange):
     if mpi is None:
         return {}, ["no MPI benchmark report in the log"]
     result = (reports[-1].get("results") or {}).get("scratchvit") or {}
-    figures = dict(ranks=mpi.get("ranks"), exchange=mpi.get("exchange"), exchange_median_ms=mpi.get("exchange_median_ms"),
-                   exchange_share=mpi.get("exchange_share"), images_per_second=result.get("img_per_s"))
+    figures = dict(ranks=mpi.get("ranks"), exchange=mpi.get("exchange"),
+                   exchange_median_ms=mpi.get("exchange_median_ms"), exchange_share=mpi.get("exchange_share"),
+                   images_per_second=result.get("img_per_s"))
     problems = []
     if figures["ranks"] != 2:
         problems.append(f"ran on {figures['ranks']} ranks, not 2")
@@ -898,7 +900,8 @@ def verdict_line(summary):
     if failed:
         return f"FAILED: {len(failed)} of {len(stages)} stages ({', '.join(failed)}) (exit {summary['exit_status']})"
     skipped = sum(stage["status"] == "skipped" for stage in stages)
-    ran = f"all {len(stages)} stages" if not skipped else f"{len(stages) - skipped} of {len(stages)} stages, {skipped} skipped"
+    ran = (f"all {len(stages)} stages" if not skipped
+           else f"{len(stages) - skipped} of {len(stages)} stages, {skipped} skipped")
     return f"PASSED: {ran} (exit {summary['exit_status']})"
 
 

@@ -10,10 +10,11 @@ Backward: y is linear in x with the fixed coefficients `mask`, so
     dL/dx = dL/dy * mask                      (and dL/dx = dL/dy in eval mode)
 
 Random state: the generator lives on the input's device (NumPy or CuPy), seeded by `seed`, and is
-created at the first forward that draws. A dropout of p = 0 never draws, so it never has one: on CuPy
-a generator is a cuRAND state for each of 2048 threads per multiprocessor, allocated and initialised by a
-launch (cupy/random/_bit_generator.pyx:79-87), which a layer that draws nothing should not pay for. For gradient checks, `fix_mask()` makes later forwards reuse the
-current mask, so the function being differentiated stays the same; `release_mask()` undoes it.
+created at the first forward that draws. A dropout of p = 0 never draws, so it never has one: on
+CuPy a generator is a cuRAND state for each of 2048 threads per multiprocessor, allocated and
+initialised by a launch (cupy/random/_bit_generator.pyx:79-87), which a layer that draws nothing
+should not pay for. For gradient checks, `fix_mask()` makes later forwards reuse the current mask,
+so the function being differentiated stays the same; `release_mask()` undoes it.
 
 `forward_add(x, residual)` is `residual + forward(x)`, the residual add that follows a branch's
 dropout in a Transformer block: the same mask, drawn the same way and kept for the same backward
