@@ -3,7 +3,8 @@
 Everything that differs between NumPy and CuPy lives here, so no layer file imports either:
 
 - which module an array belongs to (`get_array_module`, like `cupy.get_array_module`);
-- seedable random generators on an array's device (`random_generator`);
+- seedable random generators on an array's device (`random_generator`), and one whose state a
+  checkpoint can hold on CuPy too (`ReplayableGenerator`);
 - host <-> device transfer (`Backend.asarray`, `to_host`);
 - waiting for the device (`Backend.synchronize`);
 - whether the GPU can be used at all (`get_backend("gpu")`, through `cupy_or_error`): CuPy installed,
@@ -65,13 +66,16 @@ class ReplayableGenerator:
 
     CuPy's Generator has no state to read or write: its cuRAND states are a private device array
     (`bit_generator._state`, cupy/random/_bit_generator.pyx:79-84), one curandState per thread for 2048
-    threads per multiprocessor (so its size depends on the GPU), and neither Generator nor
-    BitGenerator offers a getter or setter (cupy/random/_generator_api.pyx:81-107). So this wrapper
+    threads per multiprocessor (so its size depends on the GPU); Generator has no state attribute
+    (cupy/random/_generator_api.pyx:81-107), and BitGenerator's `state()` returns only the raw device
+    pointer, with no setter (_bit_generator.pyx:116-118). So this wrapper
     records the draws instead, run-length encoded (`[method, arguments, times]`), and `replayed` makes
     the same calls on a freshly seeded generator: each CuPy draw launches one kernel whose threads
     advance their states by what that call draws (`_launch_dist`, _generator_api.pyx:1068-1073), so the
     same calls in the same order leave the same state. The state is a small JSON-ready dict; a resume
-    replays the epoch's draws so far (one launch each, no training) and then continues them.
+    replays the epoch's draws so far (one launch each, no training) and then continues them. CuPy's
+    numbers depend on the thread count, so the continuation is exact on a GPU with as many
+    multiprocessors as the one that wrote the checkpoint, and a fresh, non-repeating stream elsewhere.
 
     Only the two draws this project makes on the device are offered, so a new kind of draw cannot
     escape the record: `random(size, dtype)` and `integers(low, high, size)`."""
