@@ -68,7 +68,7 @@ class ReplayableGenerator:
     (`bit_generator._state`, cupy/random/_bit_generator.pyx:79-84), one curandState per thread for 2048
     threads per multiprocessor (so its size depends on the GPU); Generator has no state attribute
     (cupy/random/_generator_api.pyx:81-107), and BitGenerator's `state()` returns only the raw device
-    pointer, with no setter (_bit_generator.pyx:116-118). So this wrapper
+    pointer, with no setter (_bit_generator.pyx:118-120). So this wrapper
     records the draws instead, run-length encoded (`[method, arguments, times]`), and `replayed` makes
     the same calls on a freshly seeded generator: each CuPy draw launches one kernel whose threads
     advance their states by what that call draws (`_launch_dist`, _generator_api.pyx:1068-1073), so the
