@@ -882,9 +882,10 @@ def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
         exchange_timer.recording = False
     for runner in runners:
         runner.memory = runner.measure_memory()
-    counting_torch, reason = torch_for_launch_counting(args.device, torch)
-    if communicator.size > 1 and counting_torch is not None:
+    if communicator.size > 1:          # decided before torch_for_launch_counting would import torch for nothing
         counting_torch, reason = None, "not traced under mpiexec: run the benchmark in one process for it"
+    else:
+        counting_torch, reason = torch_for_launch_counting(args.device, torch)
     for runner in runners:             # after the timed steps and the memory figures: one more step each
         runner.gpu_operations = gpu_work(runner, counting_torch, reason)
 
