@@ -3,7 +3,8 @@
 Everything that differs between NumPy and CuPy lives here, so no layer file imports either:
 
 - which module an array belongs to (`get_array_module`, like `cupy.get_array_module`);
-- seedable random generators on an array's device (`random_generator`);
+- seedable random generators on an array's device (`random_generator`), and one whose state a
+  checkpoint can hold on CuPy too (`ReplayableGenerator`);
 - host <-> device transfer (`Backend.asarray`, `to_host`);
 - waiting for the device (`Backend.synchronize`);
 - whether the GPU can be used at all (`get_backend("gpu")`, through `cupy_or_error`): CuPy installed,
@@ -58,6 +59,73 @@ def random_generator(xp, seed=None):
     `.standard_normal(shape, dtype=...)`, the two draws this project makes on the device.
     """
     return xp.random.default_rng(seed)
+
+
+class ReplayableGenerator:
+    """A seeded generator on xp's device whose state is its seed and the draws made from it.
+
+    CuPy's Generator has no state to read or write: its cuRAND states are a private device array
+    (`bit_generator._state`, cupy/random/_bit_generator.pyx:79-84), one curandState per thread for 2048
+    threads per multiprocessor (so its size depends on the GPU); Generator has no state attribute
+    (cupy/random/_generator_api.pyx:81-107), and BitGenerator's `state()` returns only the raw device
+    pointer, with no setter (_bit_generator.pyx:118-120). So this wrapper
+    records the draws instead, run-length encoded (`[method, arguments, times]`), and `replayed` makes
+    the same calls on a freshly seeded generator: each CuPy draw launches one kernel whose threads
+    advance their states by what that call draws (`_launch_dist`, _generator_api.pyx:1068-1073), so the
+    same calls in the same order leave the same state. The state is a small JSON-ready dict; a resume
+    replays the epoch's draws so far (one launch each, no training) and then continues them. CuPy's
+    numbers depend on the thread count, so the continuation is exact on a GPU with as many
+    multiprocessors as the one that wrote the checkpoint, and a fresh, non-repeating stream elsewhere.
+
+    Only the two draws this project makes on the device are offered, so a new kind of draw cannot
+    escape the record: `random(size, dtype)` and `integers(low, high, size)`."""
+
+    def __init__(self, xp, seed):
+        self.xp, self.seed = xp, int(seed)
+        self.generator = xp.random.default_rng(self.seed)
+        self.draws = []             # [[method, arguments, times]]: the calls made so far, in order
+
+    def _record(self, method, arguments):
+        if self.draws and self.draws[-1][0] == method and self.draws[-1][1] == arguments:
+            self.draws[-1][2] += 1
+        else:
+            self.draws.append([method, arguments, 1])
+
+    @staticmethod
+    def _size(size):
+        return None if size is None else [int(n) for n in ((size,) if isinstance(size, int) else size)]
+
+    def random(self, size=None, dtype="float64"):
+        arguments = [self._size(size), str(numpy.dtype(dtype))]
+        self._record("random", arguments)
+        return self._draw("random", arguments)
+
+    def integers(self, low, high=None, size=None):
+        arguments = [int(low), None if high is None else int(high), self._size(size)]
+        self._record("integers", arguments)
+        return self._draw("integers", arguments)
+
+    def _draw(self, method, arguments):
+        if method == "random":
+            size, dtype = arguments
+            return self.generator.random(None if size is None else tuple(size), dtype=dtype)
+        low, high, size = arguments
+        return self.generator.integers(low, high, size=None if size is None else tuple(size))
+
+    def state(self):
+        """{"seed", "draws"}: JSON-ready, and all `replayed` needs."""
+        return dict(seed=self.seed, draws=[[method, list(arguments), times] for method, arguments, times in self.draws])
+
+    @classmethod
+    def replayed(cls, xp, state):
+        """A generator on xp's device that has drawn what `state` records: the next draw is the one the
+        recorded generator would make next."""
+        generator = cls(xp, state["seed"])
+        for method, arguments, times in state["draws"]:
+            for _ in range(times):
+                generator._draw(method, arguments)
+        generator.draws = [[method, list(arguments), times] for method, arguments, times in state["draws"]]
+        return generator
 
 
 def host_generator(seed=None):

@@ -29,17 +29,23 @@ percentile), images per second (batch size / median) and memory:
   `torch.cuda.max_memory_reserved()` (its caching allocator's high-water mark, the counterpart of
   CuPy's held bytes) and `max_memory_allocated()`.
 
-Launches per step (GPU): a small ViT's GPU step costs mostly kernel-launch overhead, so the bench
-counts what one training step puts on the GPU: kernels, and apart from them memory copies
-(memcpy) and fills (memset). CuPy has no launch hook; the count comes from PyTorch's profiler
-(`torch.profiler.profile(activities=[ProfilerActivity.CUDA])`), which asks CUPTI for every kernel,
-memcpy and memset the process runs on the GPU (`cuptiActivityEnable`, not per library), so CuPy's
-and cuBLAS's launches are counted as well as PyTorch's. One extra, untimed step is traced after the
-timed ones, with the GPU synchronised before it and at its end, so that no other step's work falls
-inside the trace. torch is imported for this on the GPU even without --compare-torch; where it is
-missing, is a CPU build, or its profiler cannot trace the GPU, and on the CPU, the count is n/a
-with the reason (the benchmark itself never fails for it). See `count_gpu_operations` for how the
-profiler's events are told apart.
+GPU work per step: a small ViT's GPU step may cost more in kernel launches than in the kernels
+themselves, so the bench traces one training step and reports what it put on the GPU: the number of
+kernels (`kernels_per_step`), and apart from them memory copies (memcpy) and fills (memset); the
+summed duration of those kernels (`kernel_ms`, each event's `self_device_time_total`) beside the wall
+time of the same traced step (`profiled_step_ms`); and the verdict `bound`: "compute-bound" where the
+kernels keep the GPU busy for at least COMPUTE_BOUND_SHARE of the step, else "launch-bound" (the GPU
+waits on the host between kernels, so fewer or fused launches would shorten the step, and faster
+kernels would not). The traced step runs under the profiler, whose per-launch bookkeeping lengthens
+it a little, so read the verdict beside the untraced steps' `median_ms`. CuPy has no launch hook; all of it
+comes from PyTorch's profiler (`torch.profiler.profile(activities=[ProfilerActivity.CUDA])`), which
+asks CUPTI for every kernel, memcpy and memset the process runs on the GPU (`cuptiActivityEnable`,
+not per library), so CuPy's and cuBLAS's kernels are seen as well as PyTorch's. One extra, untimed
+step is traced after the timed ones, with the GPU synchronised before it and at its end, so that no
+other step's work falls inside the trace. torch is imported for this on the GPU even without
+--compare-torch; where it is missing, is a CPU build, or its profiler cannot trace the GPU, and on the
+CPU, the figures are n/a with the reason (the benchmark itself never fails for it). See
+`count_gpu_operations` for how the profiler's events are told apart.
 
 --compare-torch builds the same architecture in PyTorch (`torch_vit`: the same patchify layout,
 Linear patch embedding, CLS token, position embedding, pre-LN blocks with one qkv Linear viewed as
@@ -70,7 +76,7 @@ and the step includes the Allreduce of the gradients. Threads per rank default t
 of its node's cores (2 ranks on 2 cores: one thread each). Rank 0 prints; images per second are
 those of the whole job (global batch / median step), and the report adds the time spent in the
 gradient exchange per step (host clock on the CPU, CUDA events around it on the GPU; it includes
-waiting for the slowest rank) and its share of the step. --compare-torch and the launch count run
+waiting for the slowest rank) and its share of the step. --compare-torch and the GPU work per step run
 in one process only. To compare 2 ranks x 1 thread with 1 rank x 2 threads:
 
     mpiexec -n 2 python -m scratchvit.bench --steps 60
@@ -99,8 +105,10 @@ JSON report (--json): one object with
   `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
   with a `note`), `peak_bytes` and `used_bytes` (copied from `memory`; null where not measured:
   used_bytes is in use after the steps: CuPy's pool on the GPU, `torch.cuda.memory_allocated()`
-  for PyTorch), `launches_per_step` (kernels launched by one step, or null) and `launches`
-  (`kernels`, `memcpy`, `memset`, `total`, and `reason`: null when counted, else why not).
+  for PyTorch), `kernels_per_step` (kernels one step runs, or null) and `gpu_operations` (`kernels`,
+  `memcpy`, `memset`, `total`, `kernel_ms`, `profiled_step_ms`, `kernel_share` (kernel_ms /
+  profiled_step_ms), `bound` ("launch-bound" or "compute-bound"), and `reason`: null when traced,
+  else why not; the figures are then null).
 
 Exit status: 0 after a run; 2 for a bad option, no usable GPU backend, or torch missing for
 --compare-torch; 1 if the two models' parameter counts differ.
@@ -371,7 +379,7 @@ class Runner:
     def __init__(self, name, label, step, clock, synchronize, parameters):
         self.name, self.label, self.step, self.clock = name, label, step, clock
         self.synchronize, self.parameters = synchronize, parameters
-        self.times_ms, self.first_loss, self.memory, self.launches = [], None, {}, None
+        self.times_ms, self.first_loss, self.memory, self.gpu_operations = [], None, {}, None
 
     def warm_up(self, count):
         for index in range(count):
@@ -499,13 +507,16 @@ def torch_runner(torch, config, state, args, images, labels):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU operations per step, counted with PyTorch's profiler (CuPy has no launch hook)
+# GPU work per step, traced with PyTorch's profiler (CuPy has no launch hook)
 
 # torch.profiler's events carry libkineto's activity type as a string (`FunctionEvent.activity_type`,
 # filled from `KinetoEvent.activity_type()` in torch/autograd/profiler.py); the names are libkineto's
 # (kineto libkineto/include/ActivityType.h). CUPTI's kernel, memcpy and memset records become these three.
 GPU_OPERATION_KINDS = {"kernel": "kernels", "gpu_memcpy": "memcpy", "gpu_memset": "memset"}
-NOT_COUNTED = dict(kernels=None, memcpy=None, memset=None, total=None)
+NOT_COUNTED = dict(kernels=None, memcpy=None, memset=None, total=None, kernel_ms=None, profiled_step_ms=None,
+                   kernel_share=None, bound=None)
+# At least this share of a step's wall time in kernels: the GPU is busy, and the step is compute-bound.
+COMPUTE_BOUND_SHARE = 0.8
 
 
 def count_gpu_operations(events):
@@ -525,6 +536,21 @@ def count_gpu_operations(events):
             counts[kind] += 1
     counts["total"] = sum(counts.values())
     return counts
+
+
+def kernel_milliseconds(events):
+    """The summed duration of the kernels among torch.profiler's `events`, in ms. A kernel event's
+    `self_device_time_total` is its own time on the GPU in microseconds (for a CUDA event torch returns
+    `time_range.elapsed_us()`: torch/autograd/profiler_util.py, FunctionEvent.self_device_time_total)."""
+    return sum(event.self_device_time_total for event in events if _gpu_operation_kind(event) == "kernels") / 1000.0
+
+
+def bound_verdict(kernel_ms, step_ms):
+    """(kernel share of the step, "compute-bound" or "launch-bound"), or (None, None) without a step time."""
+    if not step_ms or step_ms <= 0:
+        return None, None
+    share = kernel_ms / step_ms
+    return share, "compute-bound" if share >= COMPUTE_BOUND_SHARE else "launch-bound"
 
 
 def _gpu_operation_kind(event):
@@ -558,8 +584,10 @@ def torch_for_launch_counting(device, torch=None):
     return torch, None
 
 
-def profile_gpu_operations(torch, step, synchronize):
-    """Run `step()` once under torch.profiler, tracing the GPU only, and count what it ran there.
+def profile_gpu_operations(torch, step, synchronize, clock=time.perf_counter):
+    """Run `step()` once under torch.profiler, tracing the GPU only: count_gpu_operations' dict plus
+    `kernel_ms` (the kernels' summed time) and `profiled_step_ms` (the traced step's wall time, the GPU
+    waited for at its end).
 
     libkineto drops GPU records that fall outside the trace's window (GenericActivityProfiler::outOfRange),
     so waiting for the GPU before the trace keeps earlier steps' work out of it, and waiting at the end
@@ -568,22 +596,27 @@ def profile_gpu_operations(torch, step, synchronize):
     synchronize()
     torch.cuda.synchronize()     # every stream of the device; also sets up torch's CUDA state outside the trace
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        started = clock()
         step()
         synchronize()
-    return count_gpu_operations(profiler.events())
+        step_ms = (clock() - started) * 1000.0
+    events = profiler.events()
+    return dict(count_gpu_operations(events), kernel_ms=kernel_milliseconds(events), profiled_step_ms=step_ms)
 
 
-def count_launches(runner, torch, reason):
-    """The runner's GPU operations in one untimed step: count_gpu_operations' dict plus `reason`, which is
-    None when counted; where they cannot be counted the numbers are None and `reason` says why."""
+def gpu_work(runner, torch, reason):
+    """The runner's GPU work in one untimed, traced step: profile_gpu_operations' dict plus `kernel_share`,
+    `bound` and `reason`, which is None when traced; where it cannot be traced the figures are None and
+    `reason` says why."""
     if torch is not None:
         try:
-            counts = profile_gpu_operations(torch, runner.step, runner.synchronize)
-            if counts["total"] > 0:
-                return dict(counts, reason=None)
+            work = profile_gpu_operations(torch, runner.step, runner.synchronize)
+            if work["total"] > 0:
+                share, bound = bound_verdict(work["kernel_ms"], work["profiled_step_ms"])
+                return dict(work, kernel_share=share, bound=bound, reason=None)
             reason = "the profiler recorded no GPU work in the step (CUPTI not tracing?)"
-        except Exception as error:        # counting is extra: report it, never fail the benchmark for it
-            reason = f"counting failed: {_one_line(error)}"
+        except Exception as error:        # tracing is extra: report it, never fail the benchmark for it
+            reason = f"tracing failed: {_one_line(error)}"
     return dict(NOT_COUNTED, reason=reason)
 
 
@@ -686,20 +719,21 @@ def _memory_text(result, device):
     return f"peak {_mib(memory['peak_bytes'])} (one step, traced)"
 
 
-def _launches_text(results):
-    """One line: each library's GPU operations per step, or n/a with the reason (said once if shared)."""
-    reasons = {result["launches"]["reason"] for result in results.values()}
+def _gpu_work_text(results):
+    """One line: each library's GPU work per step and its verdict, or n/a with the reason (said once if shared)."""
+    reasons = {result["gpu_operations"]["reason"] for result in results.values()}
     if len(reasons) == 1 and None not in reasons:
-        return f"launches per step: n/a ({reasons.pop()})"
+        return f"GPU work per step: n/a ({reasons.pop()})"
     parts = []
     for result in results.values():
-        launches = result["launches"]
-        if launches["reason"] is None:
-            parts.append(f"{result['label']} {launches['kernels']} kernels "
-                         f"(+{launches['memcpy']} memcpy, +{launches['memset']} memset)")
+        work = result["gpu_operations"]
+        if work["reason"] is None:
+            parts.append(f"{result['label']} {work['kernels']} kernels (+{work['memcpy']} memcpy, "
+                         f"+{work['memset']} memset), {work['kernel_ms']:.2f} ms in kernels of a "
+                         f"{work['profiled_step_ms']:.2f} ms traced step ({work['kernel_share']:.0%}): {work['bound']}")
         else:
-            parts.append(f"{result['label']} n/a ({launches['reason']})")
-    return "launches per step: " + "; ".join(parts)
+            parts.append(f"{result['label']} n/a ({work['reason']})")
+    return "GPU work per step: " + "; ".join(parts)
 
 
 def format_table(report):
@@ -738,7 +772,7 @@ def format_table(report):
         lines.append(f"{result['label']:<{width}}  median {result['median_ms']:>{number_width}.1f} ms  "
                      f"(min {result['min_ms']:.1f}, IQR {result['q1_ms']:.1f}-{result['q3_ms']:.1f})  "
                      f"{result['img_per_s']:>6.0f} img/s  {_memory_text(result, report['device'])}")
-    lines.append(_launches_text(report["results"]))
+    lines.append(_gpu_work_text(report["results"]))
     if report.get("ratio") is not None:
         torch_result = report["results"]["torch"]
         scratch = report["results"]["scratchvit"]
@@ -848,11 +882,12 @@ def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
         exchange_timer.recording = False
     for runner in runners:
         runner.memory = runner.measure_memory()
-    counting_torch, reason = torch_for_launch_counting(args.device, torch)
-    if communicator.size > 1 and counting_torch is not None:
-        counting_torch, reason = None, "not counted under mpiexec: run the benchmark in one process for it"
+    if communicator.size > 1:          # decided before torch_for_launch_counting would import torch for nothing
+        counting_torch, reason = None, "not traced under mpiexec: run the benchmark in one process for it"
+    else:
+        counting_torch, reason = torch_for_launch_counting(args.device, torch)
     for runner in runners:             # after the timed steps and the memory figures: one more step each
-        runner.launches = count_launches(runner, counting_torch, reason)
+        runner.gpu_operations = gpu_work(runner, counting_torch, reason)
 
     results = {}
     for runner in runners:
@@ -861,7 +896,8 @@ def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
                                     parameters=int(runner.parameters), first_loss=runner.first_loss,
                                     memory=runner.memory, peak_bytes=runner.memory["peak_bytes"],
                                     used_bytes=runner.memory.get("used_bytes"),
-                                    launches_per_step=runner.launches["kernels"], launches=runner.launches)
+                                    kernels_per_step=runner.gpu_operations["kernels"],
+                                    gpu_operations=runner.gpu_operations)
     ratio = None
     if "torch" in results:
         ratio = results["scratchvit"]["median_ms"] / results["torch"]["median_ms"]

@@ -1,15 +1,21 @@
-"""The GPU acceptance run: the one command that shows scratchvit's GPU path works on a real GPU (issue 8).
+"""The GPU acceptance run: the one command that shows scratchvit's GPU path works on a real GPU (issues 8, 15).
 
-    python -m scratchvit.gpu_acceptance --data-dir DIR [--out-dir runs/gpu-acceptance] [--dry-run]
+    python -m scratchvit.gpu_acceptance --data-dir DIR [--out-dir runs/gpu-acceptance] [--work-dir W] [--dry-run]
 
 DIR holds MNIST's four IDX files (train-images-idx3-ubyte, ..., each may be .gz). Run it from the
 repository with `PYTHONPATH=.`; it needs CuPy and a CUDA device, and uses PyTorch where it imports.
+On a lent device machine, whose `$OUT` alone comes back, it is called with `--out-dir "$OUT/acc"`
+(README, "On the GPU").
+
+Before anything runs it checks, in this order, that pytest and hypothesis are installed (the pytest
+stages need both: tests/conftest.py imports them), that CuPy imports and sees a CUDA device (not in a
+dry run), and that DIR holds the four files; the first one missing is said in one line (exit 2).
 
 What runs. Each stage is its own Python process (`sys.executable`), started in the repository, with
-its own timeout. Its stdout and stderr go to OUT/logs/NN-STAGE.log, with the command on the first
-line. A stage that crashes, fails or times out is recorded as such ("failed", "timed out"), with the last
-lines of its log, and the next stage runs anyway. So a broken CuPy gives a failed stage, and the script
-itself never crashes.
+its own timeout. Its stdout and stderr go to WORK/logs/NN-STAGE.log, with the command on the first
+line, and are appended to OUT/acceptance.log under a heading per stage. A stage that crashes, fails or
+times out is recorded as such ("failed", "timed out"), with the last lines of its log, and the next
+stage runs anyway. So a broken CuPy gives a failed stage, and the script itself never crashes.
 1. machine: GPU name and memory, NVIDIA driver, CUDA runtime and the CUDA the driver supports, and the
    CuPy, NumPy and PyTorch versions. It also runs scratchvit's own GPU backend check, which compiles and
    runs a kernel.
@@ -22,39 +28,64 @@ itself never crashes.
    GPU, in float64 and float32, from identical weights and batches. Every loss, parameter and the final
    logits must agree within the tolerances in scratchvit/equivalence.py.
 5. bench-512, bench-2048: `python -m scratchvit.bench --device gpu --batch-size N --patch-size 4 --compare-torch
-   --json` (the GPU recipe's model). One training step timed with CUDA events, against the same ViT in PyTorch eager. Where torch
-   does not import, scratchvit is timed alone and the stage fails, saying so.
-6. train: `python train_mnist.py --device gpu --data-dir DIR --out-dir OUT/train`, with the GPU recipe
-   (scratchvit/recipes.py). The figures come from OUT/train/metrics.jsonl. Reaching 99% test accuracy is
+   --json` (the GPU recipe's model). One training step timed with CUDA events, against the same ViT in
+   PyTorch eager, and one more step traced by PyTorch's profiler: the kernels it runs, their summed time
+   beside the traced step's wall time, and the verdict launch-bound or compute-bound (bench.py). Where
+   torch does not import, scratchvit is timed alone and the stage fails, saying so.
+6. train: `python train_mnist.py --device gpu --data-dir DIR --out-dir WORK/train`, with the GPU recipe
+   (scratchvit/recipes.py). The figures come from its metrics.jsonl. Reaching 99% test accuracy is
    reported and not required: the stage passes if training ran and recorded its epochs.
+7. inference: the first INFERENCE_IMAGES test digits, saved as PNG files, through `python -m scratchvit.predict
+   --device D --json` (run in the stage's process, `predict.main`) and through the demo's inference
+   (`scratchvit.demo.api.Demo.predict` on the raw digit), each on the CPU and on the GPU, with the
+   checkpoint the train stage wrote. Both must give the same digits, and every probability must agree
+   within PROBABILITY_TOLERANCE (a digit may differ only where the CPU's two most probable classes lie
+   within it, a tie).
+8. mpi: `mpiexec -n 2 python -m scratchvit.bench --device gpu --batch-size 512 --patch-size 4 --json`: two ranks
+   on the one GPU, the gradients exchanged through host memory (SCRATCHVIT_GPU_ALLREDUCE=host-staged:
+   NCCL refuses two ranks on one GPU). Where mpi4py or mpiexec is missing it is "skipped: no MPI runtime",
+   which is not a failure.
 
 How long it takes. On one H200 this should take under 8 minutes (it has not run on one yet). Each
 stage has a timeout (STAGE_LIMITS). The stages also share a budget of 450 s (--budget). A stage's
 timeout is cut where needed so that every later stage keeps its minimum, so the run ends within the
 budget even when a stage hangs. --timeout-scale F multiplies every timeout, minimum and the budget, for
-a slower machine. The dry run takes 10 to 30 s on a 2-core CPU: pytest collecting the suite, NVRTC
-compiling the kernels where CuPy is installed (compile-tests needs no GPU), PyTorch being imported.
+a slower machine. The dry run takes 20 to 40 s on a 2-core CPU: pytest collecting the suite, NVRTC
+compiling the kernels where CuPy is installed (compile-tests needs no GPU), PyTorch being imported, and
+the 2-rank MPI job where MPI is installed.
 
-What it writes, under OUT (default runs/gpu-acceptance):
-    logs/NN-STAGE.log   each stage's stdout and stderr (a stage that timed out ends with a line saying so)
-    train/              the training run: metrics.jsonl (one line per epoch), checkpoint.npz
+What it writes. OUT (default runs/gpu-acceptance) gets five files and no folder, so that it fits what the
+device tool brings back from $OUT (at most 8 files, plain names, 16 MiB each):
+    acceptance.log      every stage's stdout and stderr, one section per stage (a stage that timed out ends
+                        with a line saying so; a log over 1.25 MiB keeps its head and its tail)
     summary.json        every stage: command, status, exit status, seconds, timeout, figures, problems,
                         and the end of its log where it failed. Rewritten after every stage, so an
                         interrupted run still leaves one
     summary.md          the same for a person: the table, then each failure with the end of its log
+    train-metrics.jsonl the training run's metrics.jsonl (one line per epoch)
+    checkpoint.npz      the trained model (where it was written and is at most 16 MiB)
+WORK (--work-dir, default a new temporary folder, printed at the start) holds the stages' own logs and
+the training run.
 
 How to read the table, printed last (summary.md has the same):
-- status: passed, failed (exit status or judgement, the reason is printed above the table) or timed out.
+- status: passed, failed (exit status or judgement, the reason is printed above the table), timed out,
+  or skipped (the MPI stage without an MPI runtime).
 - machine: what ran it. gpu-tests and compile-tests: pytest's counts; "no GPU" counts the skips for
   want of a GPU.
 - equivalence: per dtype, the largest relative error of the losses, the parameters and the logits,
   each against its tolerance: "ok" when all are within it.
 - bench-N: images per second for scratchvit and PyTorch at batch N, the ratio of their median ms per
-  step (scratchvit / torch: below 1 means scratchvit is faster), the GPU operations (kernels, memcpy,
-  memset) one step launches in each, and the peak bytes scratchvit's CuPy memory pool held.
+  step (scratchvit / torch: below 1 means scratchvit is faster), the kernels one step runs in each
+  (`kernels_per_step`: kernels only; copies and fills are counted apart in the bench's JSON), each
+  library's verdict with its summed kernel time and traced step time (launch-bound: the kernels fill
+  less than 80% of the step, so the GPU waits on the host), and the peak bytes scratchvit's CuPy memory
+  pool held.
 - train: the first epoch with test accuracy >= 99% and the seconds from the start of training to the
   end of that epoch (data loading and evaluation included), the final accuracy, and the training
   process's own wall time (Python start-up and imports included).
+- inference: per path (predict, demo), whether the digits are the same and the largest probability
+  difference between the devices, against the tolerance.
+- mpi: the ranks, the exchange and its median time per step and share of the step, images per second.
 - the last line: PASSED or FAILED, and the exit status.
 "n/a" marks a figure the stage did not report.
 
@@ -63,12 +94,13 @@ How to read the table, printed last (summary.md has the same):
 even where one is present. Stage by stage: the machine report of the CPU; the same two pytest runs, whose GPU
 tests then skip (which is fine here); equivalence CPU against CPU (`--devices cpu cpu --small --steps 3`);
 the benchmark on the CPU with a tiny model at batches 16 and 32 (--compare-torch only where torch
-imports); one epoch of the GPU recipe on 512 training images with a tiny model.
+imports); one epoch of the GPU recipe on 512 training images with a tiny model; inference CPU against
+CPU; the 2-rank job on the CPU where MPI is installed.
 The nested pytest runs the whole `-m gpu` selection even in the dry run. It costs 5 to 10 s here, most
 of it collection, which the test can afford.
 
-Exit status: 0 when every stage passed; 1 when one failed or timed out; 2 for a bad option or a data
-folder without the four files (reported in one line before anything runs); 130 after Ctrl-C or SIGTERM
+Exit status: 0 when every stage passed (or was skipped); 1 when one failed or timed out; 2 for a bad
+option or a missing precondition (reported in one line before anything runs); 130 after Ctrl-C or SIGTERM
 (the running stage is stopped, and the summary of the stages before it is written).
 """
 import argparse
@@ -86,9 +118,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from .backend import GPU_INSTALL_HINT
 from .bench import cpu_name
 from .recipes import RECIPES
 from .data import MNIST_FILES, file_list
@@ -102,17 +136,30 @@ DRY_RUN_BENCH_BATCHES = (16, 32)
 TARGET_ACCURACY = 0.99
 TAIL_LINES = 25                 # lines of a failed stage's log shown and kept in the summary
 STOP_GRACE_S = 5                # after SIGTERM, seconds before SIGKILL
+INFERENCE_IMAGES = 16           # test digits the inference stage classifies on both devices
+# The largest difference of a probability between the CPU and the GPU the inference stage accepts. The
+# same float32 forward pass, its sums in another order: the equivalence stage holds logits to ~1e-5
+# relative; a probability moves by at most about that, far below this.
+PROBABILITY_TOLERANCE = 1e-4
+LOG_NAME = "acceptance.log"     # every stage's output, one section each, in OUT
+# What comes back from the device tool's $OUT: at most 8 files, names of letters, digits, ".", "_", "-"
+# only, 16 MiB each. OUT holds 5 files (module docstring); a stage's log is cut to LOG_KEEP_BYTES
+# (its head and its tail) in the combined log, so 9 stages stay under 16 MiB.
+LOG_KEEP_BYTES = (256 * 1024, 1024 * 1024)
+RETURNED_FILE_LIMIT = 16 * 2 ** 20
 
 # name: (timeout, minimum) in seconds on an H200. The minimum is kept free for a stage while earlier stages
-# run (`stage_timeout`). The minimums add up to 385 s, within BUDGET_S; the timeouts add up to more, so
+# run (`stage_timeout`). The minimums add up to 400 s, within BUDGET_S; the timeouts add up to more, so
 # that a stage may use what quicker stages left.
 STAGE_LIMITS = {
     "machine": (60, 20),
     "gpu-tests": (180, 90),
     "compile-tests": (60, 30),
-    "equivalence": (120, 45),
-    "bench": (90, 40),          # each of the two
-    "train": (150, 120),
+    "equivalence": (90, 40),
+    "bench": (75, 35),          # each of the two
+    "train": (150, 100),
+    "inference": (60, 25),
+    "mpi": (60, 25),
 }
 
 DRY_RUN_MODEL = ["--depth", "1", "--dim", "16", "--heads", "2", "--mlp-dim", "32"]
@@ -228,6 +275,104 @@ def machine_main(dry_run):
 
 
 # ------------------------------------------------------------------------------------------------
+# the inference stage: `predict` and the demo's inference on two devices (runs in its own process)
+
+def first_test_digits(data_dir, count=INFERENCE_IMAGES):
+    """The first `count` MNIST test images, (count, 28, 28) uint8, light ink on dark."""
+    from .data import read_idx
+    folder = Path(data_dir)
+    name = MNIST_FILES["test_images"]
+    path = folder / name if (folder / name).is_file() else folder / (name + ".gz")
+    return read_idx(path, ndim=3)[:count]
+
+
+def predict_command_rows(checkpoint, paths, device):
+    """(K,) probabilities per image, as `python -m scratchvit.predict --device DEVICE --json` prints them."""
+    import contextlib
+    import io
+    from .predict import main as predict_main
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = predict_main(["--checkpoint", str(checkpoint), "--device", device, "--json", *map(str, paths)])
+    if status != 0:
+        raise RuntimeError(f"predict --device {device} exited with status {status}")
+    return [record["probabilities"] for record in parse_json_objects(printed.getvalue())]
+
+
+def demo_rows(checkpoint, digits, device):
+    """(K,) probabilities per image from the demo's inference (scratchvit.demo.api.Demo) on `device`."""
+    from .demo.api import Demo
+    from .predict import load_trained_model
+    model, _ = load_trained_model(checkpoint, device)
+    demo = Demo(model)
+    return [demo.predict(digit)["probabilities"] for digit in digits]
+
+
+def compare_rows(reference, other, tolerance=PROBABILITY_TOLERANCE):
+    """{"images", "same_digits", "digit_mismatches", "max_probability_difference", "passed"}: `other`'s rows
+    against `reference`'s. A digit that differs is a failure unless the reference's two most probable
+    classes lie within `tolerance` of each other (a tie, which rounding may break either way)."""
+    import numpy
+    reference, other = numpy.asarray(reference, dtype=float), numpy.asarray(other, dtype=float)
+    if reference.shape != other.shape or reference.size == 0:
+        return dict(images=len(other), same_digits=False, digit_mismatches=None, max_probability_difference=None,
+                    passed=False)
+    difference = float(numpy.max(numpy.abs(reference - other)))
+    top_two = numpy.sort(reference, axis=1)[:, -2:]
+    mismatched = reference.argmax(axis=1) != other.argmax(axis=1)
+    real = mismatched & (top_two[:, 1] - top_two[:, 0] > tolerance)
+    return dict(images=len(reference), same_digits=not mismatched.any(), digit_mismatches=int(real.sum()),
+                max_probability_difference=difference, passed=bool(difference <= tolerance and not real.any()))
+
+
+def inference_main(checkpoint, data_dir, reference_device="cpu", device="gpu", count=INFERENCE_IMAGES):
+    """Classify the first test digits with `predict` (the command, on PNG files) and with the demo's inference,
+    on both devices; print one JSON line {"inference": {...}}; exit status 1 where they disagree."""
+    import tempfile
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        print(f"error: no checkpoint at {checkpoint}: the train stage wrote none")
+        return 1
+    from PIL import Image
+    digits = first_test_digits(data_dir, count)
+    with tempfile.TemporaryDirectory(prefix="scratchvit-inference-") as folder:
+        paths = []
+        for index, digit in enumerate(digits):
+            paths.append(Path(folder) / f"digit-{index:02d}.png")
+            Image.fromarray(digit).save(paths[-1])
+        predicted = {name: predict_command_rows(checkpoint, paths, name) for name in (reference_device, device)}
+    demo = {name: demo_rows(checkpoint, digits, name) for name in (reference_device, device)}
+    result = dict(devices=[reference_device, device], tolerance=PROBABILITY_TOLERANCE,
+                  predict=compare_rows(predicted[reference_device], predicted[device]),
+                  demo=compare_rows(demo[reference_device], demo[device]))
+    result["passed"] = result["predict"]["passed"] and result["demo"]["passed"]
+    for name in ("predict", "demo"):
+        figures = result[name]
+        print(f"{name}: {figures['images']} digits on {reference_device} and {device}: same digits "
+              f"{figures['same_digits']}, largest probability difference {figures['max_probability_difference']}")
+    print(json.dumps(dict(inference=result)))
+    return 0 if result["passed"] else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the MPI stage: is there an MPI runtime?
+
+def find_mpiexec():
+    """mpiexec beside this Python (the mpich wheel's) or on PATH, or None."""
+    beside_python = Path(sys.executable).parent / "mpiexec"
+    return str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
+
+
+def mpi_runtime_problem():
+    """None where mpi4py is installed and mpiexec found, else why not (a few words)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed"
+    if find_mpiexec() is None:
+        return "no mpiexec"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
 # reading what the stages printed
 
 _COUNT = r"\d+ (?:passed|failed|skipped|deselected|errors?|warnings?|xfailed|xpassed|rerun)"
@@ -311,8 +456,11 @@ def bench_figures(report, batch_size):
     def library(name):
         result = results.get(name) if isinstance(results.get(name), dict) else {}
         memory = result.get("memory") if isinstance(result.get("memory"), dict) else {}
+        work = result.get("gpu_operations") if isinstance(result.get("gpu_operations"), dict) else {}
         return dict(images_per_second=result.get("img_per_s"), median_ms=result.get("median_ms"),
-                    launches_per_step=result.get("launches_per_step"),
+                    kernels_per_step=result.get("kernels_per_step"), kernel_ms=work.get("kernel_ms"),
+                    profiled_step_ms=work.get("profiled_step_ms"), kernel_share=work.get("kernel_share"),
+                    bound=work.get("bound"),
                     peak_bytes=memory.get("peak_bytes", result.get("peak_bytes")),
                     used_bytes=memory.get("used_bytes", result.get("used_bytes")))
 
@@ -381,6 +529,34 @@ def judge_bench(outcome, *, batch_size, torch_expected):
     return figures, []
 
 
+def judge_inference(outcome):
+    reports = [obj["inference"] for obj in parse_json_objects(outcome.log_text)
+               if isinstance(obj.get("inference"), dict)]
+    if not reports:
+        return {}, ["no inference comparison in the log"]
+    figures = reports[-1]
+    problems = [f"{name}: outside the tolerance {figures.get('tolerance')} or other digits"
+                for name in ("predict", "demo") if (figures.get(name) or {}).get("passed") is not True]
+    return figures, problems
+
+
+def judge_mpi(outcome, *, exchange):
+    reports = [obj for obj in parse_json_objects(outcome.log_text) if "results" in obj]
+    mpi = reports[-1].get("mpi") if reports and isinstance(reports[-1].get("mpi"), dict) else None
+    if mpi is None:
+        return {}, ["no MPI benchmark report in the log"]
+    result = (reports[-1].get("results") or {}).get("scratchvit") or {}
+    figures = dict(ranks=mpi.get("ranks"), exchange=mpi.get("exchange"),
+                   exchange_median_ms=mpi.get("exchange_median_ms"), exchange_share=mpi.get("exchange_share"),
+                   images_per_second=result.get("img_per_s"))
+    problems = []
+    if figures["ranks"] != 2:
+        problems.append(f"ran on {figures['ranks']} ranks, not 2")
+    if exchange is not None and figures["exchange"] != exchange:
+        problems.append(f"exchanged gradients by {figures['exchange']}, not {exchange}")
+    return figures, problems
+
+
 def judge_training(outcome, *, metrics_path):
     records = read_metrics(metrics_path)
     figures = dict(training_figures(records), process_seconds=outcome.seconds, metrics=str(metrics_path))
@@ -389,6 +565,9 @@ def judge_training(outcome, *, metrics_path):
 
 # ------------------------------------------------------------------------------------------------
 # the stages
+
+FIND_OUT = object()             # build_stages: look for the MPI runtime here
+
 
 @dataclasses.dataclass
 class Stage:
@@ -401,14 +580,20 @@ class Stage:
     env: dict = dataclasses.field(default_factory=dict)     # added to the environment
     prepare: object = None      # called just before the stage starts
     exit_ok: tuple = (0,)       # exit statuses that are not a failure by themselves
+    skip: object = None         # why the stage does not run here (it is then "skipped", not failed), or None
 
 
-def build_stages(data_dir, out_dir, *, dry_run, python=None, torch_importable=None):
-    """The stages in their order (module docstring), for a GPU run or a dry run."""
+def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=None, mpi_problem=FIND_OUT):
+    """The stages in their order (module docstring), for a GPU run or a dry run. The training run and its
+    checkpoint go to WORK/train. `mpi_problem`: why there is no MPI runtime, which skips the MPI stage, or
+    None where there is one (FIND_OUT: mpi_runtime_problem())."""
     python = python or sys.executable
     if torch_importable is None:
         torch_importable = importlib.util.find_spec("torch") is not None
+    if mpi_problem is FIND_OUT:
+        mpi_problem = mpi_runtime_problem()
     limits = STAGE_LIMITS
+    device = "cpu" if dry_run else "gpu"
     machine_code = ("import sys; from scratchvit.gpu_acceptance import machine_main; "
                     f"sys.exit(machine_main(dry_run={bool(dry_run)}))")
     # pytest's exit status 5 is "no tests collected": a module skipped whole (test_fused_compiles.py without CuPy).
@@ -425,18 +610,17 @@ def build_stages(data_dir, out_dir, *, dry_run, python=None, torch_importable=No
     if dry_run:
         equivalence += ["--devices", "cpu", "cpu", "--small", "--steps", "3"]
     stages.append(Stage("equivalence", "equivalence", equivalence, *limits["equivalence"], judge_equivalence))
+    # the model the GPU recipe trains (the CPU defaults have another patch size); a tiny one in a dry run
+    model = DRY_RUN_MODEL if dry_run else ["--patch-size", str(RECIPES["gpu"]["patch_size"])]
     for batch_size in (DRY_RUN_BENCH_BATCHES if dry_run else BENCH_BATCHES):
-        device = "cpu" if dry_run else "gpu"
-        bench = [python, "-m", "scratchvit.bench", "--device", device, "--batch-size", str(batch_size)]
+        bench = [python, "-m", "scratchvit.bench", "--device", device, "--batch-size", str(batch_size), *model]
         if dry_run:
-            bench += DRY_RUN_MODEL + ["--steps", "2", "--warmup", "1", "--repeats", "1"]
-        else:                       # the model the GPU recipe trains (the CPU defaults have another patch size)
-            bench += ["--patch-size", str(RECIPES["gpu"]["patch_size"])]
+            bench += ["--steps", "2", "--warmup", "1", "--repeats", "1"]
         if torch_importable:        # without torch, a GPU run still times scratchvit, and judge_bench fails the stage
             bench.append("--compare-torch")
         stages.append(Stage(f"bench-{batch_size}", "bench", bench + ["--json"], *limits["bench"],
                             functools.partial(judge_bench, batch_size=batch_size, torch_expected=not dry_run)))
-    train_dir = Path(out_dir) / "train"
+    train_dir = Path(work_dir) / "train"
     train = [python, str(TRAIN_SCRIPT), "--data-dir", str(data_dir), "--out-dir", str(train_dir)]
     if dry_run:
         train += ["--device", "cpu", "--recipe", "gpu", "--epochs", "1", "--train-limit", "512", "--batch-size", "64",
@@ -444,18 +628,32 @@ def build_stages(data_dir, out_dir, *, dry_run, python=None, torch_importable=No
     else:
         train += ["--device", "gpu"]
     metrics_path = train_dir / "metrics.jsonl"
+    checkpoint = train_dir / "checkpoint.npz"
     stages.append(Stage("train", "train", train, *limits["train"],
                         functools.partial(judge_training, metrics_path=metrics_path),
-                        prepare=functools.partial(remove_file, metrics_path)))
+                        prepare=functools.partial(remove_files, metrics_path, checkpoint)))
+    inference_code = ("import sys; from scratchvit.gpu_acceptance import inference_main; "
+                      f"sys.exit(inference_main({str(checkpoint)!r}, {str(data_dir)!r}, 'cpu', {device!r}))")
+    stages.append(Stage("inference", "inference", [python, "-c", inference_code], *limits["inference"],
+                        judge_inference))
+    mpi_bench = [find_mpiexec() or "mpiexec", "-n", "2", python, "-m", "scratchvit.bench", "--device", device,
+                 "--batch-size", str(DRY_RUN_BENCH_BATCHES[0] if dry_run else BENCH_BATCHES[0]), *model,
+                 "--steps", "2" if dry_run else "10", "--warmup", "1" if dry_run else "3", "--repeats", "1", "--json"]
+    # two ranks on the one GPU: NCCL refuses a shared GPU, so the exchange is forced through the host
+    stages.append(Stage("mpi", "mpi", mpi_bench, *limits["mpi"],
+                        functools.partial(judge_mpi, exchange=None if dry_run else "host-staged"),
+                        env=dict(SCRATCHVIT_GPU_ALLREDUCE="host-staged"),
+                        skip=f"no MPI runtime ({mpi_problem})" if mpi_problem else None))
     if dry_run:
         for stage in stages:
             stage.env = dict(stage.env, CUDA_VISIBLE_DEVICES="")    # the CPU only, even on a machine with a GPU
     return stages
 
 
-def remove_file(path):
-    """Remove a previous run's file, so that a stage that fails early is not judged by it."""
-    Path(path).unlink(missing_ok=True)
+def remove_files(*paths):
+    """Remove a previous run's files, so that a stage that fails early is not judged by them."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def stage_timeout(timeout, minimum, remaining, later_minimums):
@@ -559,7 +757,26 @@ def run_stage(stage, log_path, timeout):
         stage.prepare()
     outcome = run_process(stage.command, log_path, timeout, env=child_environment(stage.env))
     return dict(judge(stage, outcome), command=shlex.join(str(part) for part in stage.command),
-                timeout=round(timeout, 1), log=str(log_path))
+                timeout=round(timeout, 1))
+
+
+def skipped_result(stage):
+    """The result of a stage that does not run here: "skipped", with the reason as its figure."""
+    return dict(name=stage.name, kind=stage.kind, status="skipped", exit_status=None, seconds=0.0,
+                figures=dict(skipped=stage.skip), problems=[], log_tail=[],
+                command=shlex.join(str(part) for part in stage.command), timeout=0.0)
+
+
+def append_stage_log(combined, heading, stage_log, keep=LOG_KEEP_BYTES):
+    """Append a stage's log to the combined log under `heading`; a log longer than head + tail bytes keeps
+    its first `head` and last `tail` bytes, with a line saying how much was left out."""
+    head, tail = keep
+    data = Path(stage_log).read_bytes() if Path(stage_log).is_file() else b"(no log)\n"
+    if len(data) > head + tail:
+        data = (data[:head] + f"\n# ... {len(data) - head - tail} bytes left out here ...\n".encode()
+                + data[-tail:])
+    with open(combined, "ab") as log:
+        log.write(f"\n{'=' * 20} {heading} {'=' * 20}\n".encode() + data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,14 +823,43 @@ def equivalence_text(figures):
                      for dtype, entry in figures.items())
 
 
+def bound_text(library):
+    """`launch-bound (kernels 4.1 of 9.8 ms)` for one library's bench figures, or n/a."""
+    if not library.get("bound"):
+        return "n/a"
+    return (f"{library['bound']} (kernels {_fmt(library.get('kernel_ms'), '.1f')} of "
+            f"{_fmt(library.get('profiled_step_ms'), '.1f')} ms)")
+
+
 def bench_text(figures):
     scratch, torch = figures.get("scratchvit") or {}, figures.get("torch") or {}
     return (f"batch {figures.get('batch_size', 'n/a')}: "
             f"scratchvit {_fmt(scratch.get('images_per_second'), ',.0f')} img/s, "
             f"torch {_fmt(torch.get('images_per_second'), ',.0f')} img/s, ratio {_fmt(figures.get('ratio'), '.2f')}; "
-            f"launches/step {_integer(scratch.get('launches_per_step'))} "
-            f"vs {_integer(torch.get('launches_per_step'))}; "
+            f"kernels/step {_integer(scratch.get('kernels_per_step'))} "
+            f"vs {_integer(torch.get('kernels_per_step'))}; "
+            f"scratchvit {bound_text(scratch)}, torch {bound_text(torch)}; "
             f"scratchvit peak {_bytes(scratch.get('peak_bytes'))}")
+
+
+def inference_text(figures):
+    devices = " vs ".join(figures.get("devices") or ["n/a"])
+    parts = []
+    for name in ("predict", "demo"):
+        entry = figures.get(name) or {}
+        parts.append(f"{name} {_integer(entry.get('images'))} digits "
+                     f"{'same' if entry.get('same_digits') else 'DIFFER'}, "
+                     f"max |dp| {_fmt(entry.get('max_probability_difference'), '.1e')}")
+    return f"{devices}: " + "; ".join(parts) + f" (tolerance {_fmt(figures.get('tolerance'), '.0e')})"
+
+
+def mpi_text(figures):
+    if figures.get("skipped"):
+        return f"skipped: {figures['skipped']}"
+    return (f"{_integer(figures.get('ranks'))} ranks, {figures.get('exchange') or 'n/a'} exchange "
+            f"{_fmt(figures.get('exchange_median_ms'), '.2f', ' ms')} per step "
+            f"({_fmt(figures.get('exchange_share'), '.0%')} of it), "
+            f"{_fmt(figures.get('images_per_second'), ',.0f')} img/s")
 
 
 def train_text(figures):
@@ -632,7 +878,7 @@ def train_text(figures):
 
 
 FIGURE_TEXTS = dict(machine=machine_text, pytest=pytest_text, equivalence=equivalence_text, bench=bench_text,
-                    train=train_text)
+                    train=train_text, inference=inference_text, mpi=mpi_text)
 
 
 def figures_text(stage):
@@ -640,18 +886,23 @@ def figures_text(stage):
     figures = stage.get("figures") or {}
     if not figures:
         return "n/a"
+    if stage.get("status") == "skipped":
+        return f"skipped: {figures.get('skipped')}"
     text = FIGURE_TEXTS.get(stage.get("kind"))
     return text(figures) if text else json.dumps(figures)[:200]
 
 
 def verdict_line(summary):
     stages = summary["stages"]
-    failed = [stage["name"] for stage in stages if stage["status"] != "passed"]
+    failed = [stage["name"] for stage in stages if stage["status"] not in ("passed", "skipped")]
     if summary.get("interrupted"):
         return f"INTERRUPTED after {len(stages)} stage(s) (exit {summary['exit_status']})"
     if failed:
         return f"FAILED: {len(failed)} of {len(stages)} stages ({', '.join(failed)}) (exit {summary['exit_status']})"
-    return f"PASSED: all {len(stages)} stages (exit {summary['exit_status']})"
+    skipped = sum(stage["status"] == "skipped" for stage in stages)
+    ran = (f"all {len(stages)} stages" if not skipped
+           else f"{len(stages) - skipped} of {len(stages)} stages, {skipped} skipped")
+    return f"PASSED: {ran} (exit {summary['exit_status']})"
 
 
 def format_table(summary):
@@ -664,7 +915,8 @@ def format_table(summary):
              for name, status, seconds, figures in rows]
     if any(stage["kind"] == "bench" for stage in summary["stages"]):
         lines.append("(bench: ratio = scratchvit / torch median ms per step, below 1 = scratchvit faster; "
-                     "launches = GPU kernels, memcpy and memset per step, scratchvit vs torch)")
+                     "kernels/step = GPU kernels one step runs, scratchvit vs torch; launch-bound = the kernels "
+                     "fill less than 80% of a traced step's wall time, compute-bound = at least 80%)")
     mode = "dry run (CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
     lines.append(f"{mode}, {summary['seconds']:.0f} s in all: {verdict_line(summary)}")
     return "\n".join(lines)
@@ -673,13 +925,14 @@ def format_table(summary):
 def format_markdown(summary):
     mode = "dry run (every stage on the CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
     lines = [f"# scratchvit GPU acceptance: {verdict_line(summary)}", "",
-             f"{mode}, started {summary['started']}, {summary['seconds']:.0f} s in all. Logs: `{summary['logs']}`.", "",
-             "| stage | status | seconds | key figures | log |", "|---|---|---|---|---|"]
+             f"{mode}, started {summary['started']}, {summary['seconds']:.0f} s in all. Every stage's output: "
+             f"`{summary['log']}`, one section per stage.", "",
+             "| stage | status | seconds | key figures |", "|---|---|---|---|"]
     for stage in summary["stages"]:
         figures = figures_text(stage).replace("|", "\\|")
-        lines.append(f"| {stage['name']} | {stage['status']} | {stage['seconds']:.1f} | {figures} | `{stage['log']}` |")
+        lines.append(f"| {stage['name']} | {stage['status']} | {stage['seconds']:.1f} | {figures} |")
     for stage in summary["stages"]:
-        if stage["status"] != "passed":
+        if stage["status"] not in ("passed", "skipped"):
             lines += ["", f"## {stage['name']}: {stage['status']}", "", "; ".join(stage["problems"]), "",
                       f"`{stage['command']}`, last lines of its log:", "", "```", *stage["log_tail"], "```"]
     lines += ["", "## Commands", ""] + [f"- {stage['name']} (timeout {stage['timeout']:.0f} s): `{stage['command']}`"
@@ -699,46 +952,79 @@ def say_flushed(text):
     print(text, flush=True)
 
 
-def run_acceptance(stages, out_dir, *, dry_run, timeout_scale=1.0, budget=BUDGET_S, say=say_flushed):
-    """Run `stages` in order (each in its own process, logs in OUT/logs), write OUT/summary.json and .md after
-    every stage, print the failures, where the logs are and the table last; returns the exit status."""
+def run_acceptance(stages, out_dir, *, dry_run, work_dir=None, timeout_scale=1.0, budget=BUDGET_S,
+                   say=say_flushed, keep=()):
+    """Run `stages` in order (each in its own process, its log in WORK/logs, then appended to OUT/acceptance.log),
+    write OUT/summary.json and .md after every stage, print the failures, where the files are and the table last;
+    returns the exit status. `keep`: (source, name) pairs copied into OUT at the end where they exist and fit
+    the device tool's 16 MiB (the training's metrics and checkpoint)."""
     out_dir = Path(out_dir)
-    logs = out_dir / "logs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="scratchvit-acceptance-"))
+    logs = work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    combined = out_dir / LOG_NAME
+    combined.write_text("")
     started, clock_start = datetime.datetime.now().isoformat(timespec="seconds"), time.monotonic()
     deadline = clock_start + budget * timeout_scale
-    summary = dict(dry_run=dry_run, started=started, seconds=0.0, out_dir=str(out_dir), logs=str(logs),
-                   budget_seconds=budget * timeout_scale, timeout_scale=timeout_scale, python=sys.executable,
-                   stages=[], interrupted=False, passed=False, exit_status=1)
+    summary = dict(dry_run=dry_run, started=started, seconds=0.0, out_dir=str(out_dir), log=str(combined),
+                   work_dir=str(work_dir), budget_seconds=budget * timeout_scale, timeout_scale=timeout_scale,
+                   python=sys.executable, stages=[], interrupted=False, passed=False, exit_status=1)
     say(f"scratchvit GPU acceptance: {'dry run, every stage on the CPU at tiny sizes' if dry_run else 'GPU run'}; "
-        f"{len(stages)} stages, budget {budget * timeout_scale:.0f} s; logs in {logs}")
+        f"{len(stages)} stages, budget {budget * timeout_scale:.0f} s; log {combined}; work folder {work_dir}")
     try:
         for index, stage in enumerate(stages):
-            later = sum(other.minimum for other in stages[index + 1:]) * timeout_scale
-            timeout = stage_timeout(stage.timeout * timeout_scale, stage.minimum * timeout_scale,
-                                    deadline - time.monotonic(), later)
-            say(f"[{index + 1}/{len(stages)}] {stage.name} (timeout {timeout:.0f} s): "
-                f"{shlex.join(str(part) for part in stage.command)}")
-            result = run_stage(stage, logs / f"{index + 1:02d}-{stage.name}.log", timeout)
+            heading = f"[{index + 1}/{len(stages)}] {stage.name}"
+            if stage.skip:
+                result = skipped_result(stage)
+                say(f"{heading}: skipped: {stage.skip}")
+                with open(combined, "a") as log:
+                    log.write(f"\n{'=' * 20} {heading} {'=' * 20}\nskipped: {stage.skip}\n")
+            else:
+                later = sum(other.minimum for other in stages[index + 1:] if not other.skip) * timeout_scale
+                timeout = stage_timeout(stage.timeout * timeout_scale, stage.minimum * timeout_scale,
+                                        deadline - time.monotonic(), later)
+                say(f"{heading} (timeout {timeout:.0f} s): {shlex.join(str(part) for part in stage.command)}")
+                stage_log = logs / f"{index + 1:02d}-{stage.name}.log"
+                try:
+                    result = run_stage(stage, stage_log, timeout)
+                finally:
+                    if stage_log.exists():
+                        append_stage_log(combined, heading, stage_log)
+                detail = "; ".join(result["problems"]) if result["problems"] else figures_text(result)
+                say(f"    {result['status']} in {result['seconds']:.1f} s: {detail}")
             summary["stages"].append(result)
-            detail = "; ".join(result["problems"]) if result["problems"] else figures_text(result)
-            say(f"    {result['status']} in {result['seconds']:.1f} s: {detail}")
             summary["seconds"] = time.monotonic() - clock_start
             write_summary(out_dir, summary)
     except KeyboardInterrupt:
         summary["interrupted"] = True
     summary["seconds"] = time.monotonic() - clock_start
     summary["passed"] = (not summary["interrupted"] and len(summary["stages"]) == len(stages)
-                         and all(stage["status"] == "passed" for stage in summary["stages"]))
+                         and all(stage["status"] in ("passed", "skipped") for stage in summary["stages"]))
     summary["exit_status"] = 130 if summary["interrupted"] else (0 if summary["passed"] else 1)
+    summary["kept"] = keep_files(keep, out_dir)
     write_summary(out_dir, summary)
     for stage in summary["stages"]:
-        if stage["status"] != "passed":
+        if stage["status"] not in ("passed", "skipped"):
             say(f"\n{stage['name']} {stage['status']}: {'; '.join(stage['problems'])}\n"
-                f"last lines of {stage['log']}:\n" + "\n".join("    " + line for line in stage["log_tail"]))
-    say(f"\nlogs: {logs} (one per stage); summary: {out_dir / 'summary.json'}, {out_dir / 'summary.md'}\n")
+                f"last lines of its log (section {stage['name']} of {combined}):\n"
+                + "\n".join("    " + line for line in stage["log_tail"]))
+    say(f"\nin {out_dir}: {LOG_NAME} (every stage's output), summary.json, summary.md"
+        + "".join(f", {name}" for name in summary["kept"]) + "\n")
     say(format_table(summary))
     return summary["exit_status"]
+
+
+def keep_files(keep, out_dir):
+    """Copy each (source, name) of `keep` that exists and is at most RETURNED_FILE_LIMIT bytes to OUT/name;
+    the names copied."""
+    kept = []
+    for source, name in keep:
+        source = Path(source)
+        if source.is_file() and source.stat().st_size <= RETURNED_FILE_LIMIT:
+            shutil.copyfile(source, Path(out_dir) / name)
+            kept.append(name)
+    return kept
 
 
 def build_parser():
@@ -749,7 +1035,10 @@ def build_parser():
                     "with the GPU recipe; each stage in its own process with a timeout, a summary table last.")
     parser.add_argument("--data-dir", required=True, help="folder with MNIST's four IDX files (.gz or not)")
     parser.add_argument("--out-dir", default="runs/gpu-acceptance",
-                        help="where logs/, train/, summary.json and summary.md go (default: %(default)s)")
+                        help="where acceptance.log, summary.json, summary.md, train-metrics.jsonl and checkpoint.npz "
+                             "go, five files and no folder (default: %(default)s)")
+    parser.add_argument("--work-dir", default=None,
+                        help="where the stages' own logs and the training run go (default: a new temporary folder)")
     parser.add_argument("--dry-run", action="store_true",
                         help="every stage on the CPU at tiny sizes: checks this command itself, on any machine")
     parser.add_argument("--timeout-scale", type=float, default=1.0,
@@ -761,11 +1050,51 @@ def build_parser():
 
 
 def check_arguments(args):
-    """A one-line problem with the options or the data folder, or None."""
+    """A one-line problem with the options, or None."""
     if not (args.timeout_scale > 0 and math.isfinite(args.timeout_scale)):
         return f"--timeout-scale must be a positive number, got {args.timeout_scale}"
     if not (args.budget > 0 and math.isfinite(args.budget)):
         return f"--budget must be a positive number of seconds, got {args.budget}"
+    return None
+
+
+def module_missing(name):
+    """True where `name` cannot be found to import (the preconditions' check; tests replace it)."""
+    return importlib.util.find_spec(name) is None
+
+
+def cuda_device_problem():
+    """None where CuPy imports and sees a CUDA device, else why not, in a few words."""
+    try:
+        import cupy
+    except Exception as error:
+        return f"CuPy does not import ({type(error).__name__}: {_first_line_of(error)}): {GPU_INSTALL_HINT}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:          # no driver, or a driver too old: CuPy's runtime errors
+        return f"no CUDA device: CuPy {cupy.__version__} cannot reach one ({_first_line_of(error)})"
+    return None if count > 0 else f"no CUDA device: CuPy {cupy.__version__} sees none"
+
+
+def _first_line_of(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def check_preconditions(args):
+    """The first thing this machine lacks for the run, in one line, or None: pytest and hypothesis (the
+    pytest stages; tests/conftest.py imports both), CuPy and a CUDA device (not in a dry run), the data
+    folder with MNIST's four files."""
+    for name in ("pytest", "hypothesis"):
+        if module_missing(name):
+            return (f"{name} is not installed, and the gpu-tests and compile-tests stages need it: "
+                    "pip install pytest hypothesis")
+    if not args.dry_run:
+        if module_missing("cupy"):
+            return f"CuPy is not installed: {GPU_INSTALL_HINT} (or --dry-run to check this command on the CPU)"
+        problem = cuda_device_problem()
+        if problem:
+            return f"{problem} (or --dry-run to check this command on the CPU)"
     folder = Path(args.data_dir)
     if not folder.is_dir():
         return (f"--data-dir {args.data_dir}: no such folder (it should hold MNIST's four files {file_list()}, "
@@ -786,12 +1115,16 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:       # --help (0) or a bad option (2): return the status instead of exiting
         return exit_.code if isinstance(exit_.code, int) else 2
-    problem = check_arguments(args)
+    problem = check_arguments(args) or check_preconditions(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir).resolve()
-    stages = build_stages(Path(args.data_dir).resolve(), out_dir, dry_run=args.dry_run)
+    work_dir = (Path(args.work_dir).resolve() if args.work_dir
+                else Path(tempfile.mkdtemp(prefix="scratchvit-acceptance-")))
+    stages = build_stages(Path(args.data_dir).resolve(), work_dir, dry_run=args.dry_run)
+    train_dir = work_dir / "train"
+    keep = [(train_dir / "metrics.jsonl", "train-metrics.jsonl"), (train_dir / "checkpoint.npz", "checkpoint.npz")]
     # The stages run in sessions of their own (so that a timeout stops a stage's children too), which also keeps
     # a SIGTERM sent to this process from reaching them: treat it as Ctrl-C, which stops the running stage.
     try:
@@ -799,8 +1132,8 @@ def main(argv=None):
     except ValueError:                  # not the main thread: leave signals alone
         previous_handler = None
     try:
-        return run_acceptance(stages, out_dir, dry_run=args.dry_run, timeout_scale=args.timeout_scale,
-                              budget=args.budget)
+        return run_acceptance(stages, out_dir, dry_run=args.dry_run, work_dir=work_dir,
+                              timeout_scale=args.timeout_scale, budget=args.budget, keep=keep)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)

@@ -88,13 +88,16 @@ def test_gpu_json_report(capsys):
     for key in ("cuda_driver", "cuda_runtime"):
         major, minor = machine[key].split(".")
         assert int(major) >= 11 and int(minor) >= 0, (key, machine[key])
-    launches = result["launches"]
+    work = result["gpu_operations"]
     if _torch_counts_gpu_launches():
         # a training step runs far more kernels than a handful: forward, backward and AdamW of every layer
-        assert launches["reason"] is None and result["launches_per_step"] == launches["kernels"] > 10
-        assert launches["total"] == launches["kernels"] + launches["memcpy"] + launches["memset"]
+        assert work["reason"] is None and result["kernels_per_step"] == work["kernels"] > 10
+        assert work["total"] == work["kernels"] + work["memcpy"] + work["memset"]
+        assert 0 < work["kernel_ms"] and 0 < work["profiled_step_ms"]
+        assert work["kernel_share"] == pytest.approx(work["kernel_ms"] / work["profiled_step_ms"])
+        assert work["bound"] in ("launch-bound", "compute-bound")
     else:
-        assert result["launches_per_step"] is None and launches["reason"]
+        assert result["kernels_per_step"] is None and work["reason"]
 
 
 @on_gpu
@@ -117,7 +120,10 @@ def test_profiler_counts_cupy_launches_exactly():
 
     step()                                     # compiles the kernel outside the trace (and zeroes b)
     counts = bench.profile_gpu_operations(torch, step, stream.synchronize)
-    assert counts == dict(kernels=1, memcpy=1, memset=1, total=3)
+    assert {key: counts[key] for key in ("kernels", "memcpy", "memset", "total")} == dict(
+        kernels=1, memcpy=1, memset=1, total=3)
+    # one small kernel: its time is positive and inside the traced step's wall time
+    assert 0 < counts["kernel_ms"] < counts["profiled_step_ms"]
     numpy.testing.assert_array_equal(host, numpy.arange(1024, dtype=numpy.float32))      # a + 0: the step ran
     numpy.testing.assert_array_equal(b.get(), numpy.zeros(1024, dtype=numpy.float32))
 
@@ -135,7 +141,8 @@ def test_gpu_compare_torch_report(capsys):
     assert report["ratio"] == pytest.approx(ours["median_ms"] / theirs["median_ms"])
     assert 0 < theirs["used_bytes"] <= theirs["memory"]["allocated_peak_bytes"] <= theirs["peak_bytes"]
     for result in (ours, theirs):
-        assert result["launches"]["reason"] is None and result["launches_per_step"] > 10, result["launches"]
+        work = result["gpu_operations"]
+        assert work["reason"] is None and result["kernels_per_step"] > 10 and work["bound"], work
     assert report["machine"]["torch_cuda"]
 
 
@@ -171,7 +178,7 @@ def test_cuda_event_clock_times_each_step_and_waits_for_the_last_event():
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU launches per step, with stand-in profiler events
+# GPU work per step, with stand-in profiler events
 
 class FakeDeviceType:
     """Stands for torch.autograd.DeviceType: the code reads only its `name`."""
@@ -183,26 +190,27 @@ class FakeDeviceType:
 CPU, CUDA = FakeDeviceType("CPU"), FakeDeviceType("CUDA")
 
 
-def fake_event(name, device_type, activity_type):
+def fake_event(name, device_type, activity_type, self_device_time_total=0.0):
     """A torch.profiler FunctionEvent as count_gpu_operations sees it; activity_type None: an older torch."""
-    event = types.SimpleNamespace(name=name, device_type=device_type)
+    event = types.SimpleNamespace(name=name, device_type=device_type, self_device_time_total=self_device_time_total)
     if activity_type is not None:
         event.activity_type = activity_type
     return event
 
 
 # what one traced step looks like: libkineto's activity types and CUPTI's names
-TRACE = [("cuLaunchKernel", CPU, "cuda_driver"),
-         ("cudaLaunchKernel", CPU, "cuda_runtime"),
-         ("cudaMemcpyAsync", CPU, "cuda_runtime"),
-         ("cupy_add__float32_float32_float32", CUDA, "kernel"),
-         ("void gemmSN_NN_kernel<float, 128, 2, 4, 8, 2, 4>(...)", CUDA, "kernel"),
-         ("ampere_sgemm_32x32_sliced1x4_nn", CUDA, "kernel"),
-         ("Memcpy DtoH (Device -> Pageable)", CUDA, "gpu_memcpy"),
-         ("Memcpy HtoD (Pageable -> Device)", CUDA, "gpu_memcpy"),
-         ("Memset (Device)", CUDA, "gpu_memset"),
-         ("Stream Sync", CUDA, "cuda_sync"),                  # device_type CUDA, but not a launch
-         ("aten::add", CPU, "cpu_op")]
+# (the last figure: self_device_time_total in microseconds; only the kernels' count as kernel time)
+TRACE = [("cuLaunchKernel", CPU, "cuda_driver", 0.0),
+         ("cudaLaunchKernel", CPU, "cuda_runtime", 0.0),
+         ("cudaMemcpyAsync", CPU, "cuda_runtime", 0.0),
+         ("cupy_add__float32_float32_float32", CUDA, "kernel", 250.0),
+         ("void gemmSN_NN_kernel<float, 128, 2, 4, 8, 2, 4>(...)", CUDA, "kernel", 1000.0),
+         ("ampere_sgemm_32x32_sliced1x4_nn", CUDA, "kernel", 750.0),
+         ("Memcpy DtoH (Device -> Pageable)", CUDA, "gpu_memcpy", 400.0),
+         ("Memcpy HtoD (Pageable -> Device)", CUDA, "gpu_memcpy", 400.0),
+         ("Memset (Device)", CUDA, "gpu_memset", 100.0),
+         ("Stream Sync", CUDA, "cuda_sync", 5000.0),          # device_type CUDA, but not a launch
+         ("aten::add", CPU, "cpu_op", 2000.0)]
 
 
 def test_count_gpu_operations_by_activity_type():
@@ -212,7 +220,7 @@ def test_count_gpu_operations_by_activity_type():
 
 
 def test_count_gpu_operations_without_activity_type_uses_device_and_names():
-    events = [fake_event(name, device_type, None) for name, device_type, kind in TRACE if kind != "cuda_sync"]
+    events = [fake_event(name, device_type, None) for name, device_type, kind, _ in TRACE if kind != "cuda_sync"]
     assert bench.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
 
 
@@ -246,32 +254,61 @@ class FakeTorch:
         self.profiler = types.SimpleNamespace(profile=Profile, ProfilerActivity=types.SimpleNamespace(CUDA="CUDA"))
 
 
+def test_kernel_milliseconds_sums_the_kernels_only():
+    assert bench.kernel_milliseconds([fake_event(*event) for event in TRACE]) == pytest.approx(2.0)   # 250+1000+750 us
+    assert bench.kernel_milliseconds([]) == 0.0
+
+
+@pytest.mark.parametrize("kernel_ms, step_ms, expected", [
+    (8.0, 10.0, (0.8, "compute-bound")),        # the boundary: busy for COMPUTE_BOUND_SHARE of the step
+    (7.9, 10.0, (0.79, "launch-bound")),
+    (1.0, 10.0, (0.1, "launch-bound")),
+    (1.0, 0.0, (None, None)),
+])
+def test_bound_verdict(kernel_ms, step_ms, expected):
+    share, bound = bench.bound_verdict(kernel_ms, step_ms)
+    assert (share if share is None else pytest.approx(share), bound) == (
+        expected[0] if expected[0] is None else pytest.approx(expected[0]), expected[1])
+
+
+def ticking_clock(step_seconds):
+    """A clock that advances `step_seconds` at each reading."""
+    readings = iter(range(1000))
+    return lambda: next(readings) * step_seconds
+
+
 def test_profile_gpu_operations_traces_one_step_between_waits():
     log = []
     torch = FakeTorch(log, [fake_event(*event) for event in TRACE])
-    counts = bench.profile_gpu_operations(torch, step=lambda: log.append("step"),
-                                          synchronize=lambda: log.append("synchronize"))
-    assert counts["total"] == 6
+    work = bench.profile_gpu_operations(torch, step=lambda: log.append("step"),
+                                        synchronize=lambda: log.append("synchronize"), clock=ticking_clock(0.004))
+    assert work == dict(kernels=3, memcpy=2, memset=1, total=6, kernel_ms=pytest.approx(2.0),
+                        profiled_step_ms=pytest.approx(4.0))
     assert log == ["synchronize", "torch.cuda.synchronize", "profile ['CUDA']", "trace starts", "step",
                    "synchronize", "trace stops"]
 
 
-def test_count_launches_reports_the_reason_instead_of_failing():
+def test_gpu_work_gives_the_verdict_or_the_reason_instead_of_failing():
     runner = types.SimpleNamespace(step=lambda: None, synchronize=lambda: None)
-    not_counted = dict(kernels=None, memcpy=None, memset=None, total=None)
-    assert bench.count_launches(runner, None, "why not") == dict(not_counted, reason="why not")
-    assert bench.count_launches(runner, FakeTorch([], [fake_event(*TRACE[0])]), None) == dict(
+    not_counted = dict(kernels=None, memcpy=None, memset=None, total=None, kernel_ms=None, profiled_step_ms=None,
+                       kernel_share=None, bound=None)
+    assert bench.gpu_work(runner, None, "why not") == dict(not_counted, reason="why not")
+    assert bench.gpu_work(runner, FakeTorch([], [fake_event(*TRACE[0])]), None) == dict(
         not_counted, reason="the profiler recorded no GPU work in the step (CUPTI not tracing?)")
-    counted = bench.count_launches(runner, FakeTorch([], [fake_event(*event) for event in TRACE]), None)
-    assert counted == dict(kernels=3, memcpy=2, memset=1, total=6, reason=None)
+    traced = bench.gpu_work(runner, FakeTorch([], [fake_event(*event) for event in TRACE]), None)
+    assert {key: traced[key] for key in ("kernels", "memcpy", "memset", "total", "reason")} == dict(
+        kernels=3, memcpy=2, memset=1, total=6, reason=None)
+    assert traced["kernel_ms"] == pytest.approx(2.0) and traced["profiled_step_ms"] > 0
+    assert traced["kernel_share"] == pytest.approx(2.0 / traced["profiled_step_ms"])
+    assert traced["bound"] == ("compute-bound" if traced["kernel_share"] >= 0.8 else "launch-bound")
 
     def failing_step():
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nsecond line")
 
     runner.step = failing_step
-    failed = bench.count_launches(runner, FakeTorch([], []), None)
-    assert failed["kernels"] is None and failed["reason"] == (
-        "counting failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED second line")
+    failed = bench.gpu_work(runner, FakeTorch([], []), None)
+    assert failed["kernels"] is None and failed["bound"] is None and failed["reason"] == (
+        "tracing failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED second line")
 
 
 def torch_module(version, sees_gpu, activities):
@@ -295,13 +332,12 @@ def test_torch_for_launch_counting_says_why_not(monkeypatch):
     assert torch is None and "torch is not installed" in reason
 
 
-def test_launches_are_na_on_the_cpu(capsys):
+def test_gpu_work_is_na_on_the_cpu(capsys):
     result = run_json(capsys)["results"]["scratchvit"]
-    assert result["launches_per_step"] is None
-    assert result["launches"] == dict(kernels=None, memcpy=None, memset=None, total=None,
-                                      reason="counted on the GPU only: --device gpu")
+    assert result["kernels_per_step"] is None and "launches_per_step" not in result
+    assert result["gpu_operations"] == dict(bench.NOT_COUNTED, reason="counted on the GPU only: --device gpu")
     assert bench.main([*QUICK, *TINY]) == 0
-    assert "\nlaunches per step: n/a (counted on the GPU only: --device gpu)\n" in capsys.readouterr().out
+    assert "\nGPU work per step: n/a (counted on the GPU only: --device gpu)\n" in capsys.readouterr().out
 
 
 def fake_gpu_backend(driver_version):
@@ -342,12 +378,14 @@ def test_nvidia_driver_version(tmp_path):
     assert bench._nvidia_driver(tmp_path / "version") == "570.86.15"
 
 
-def test_launches_line_per_library():
-    results = {"scratchvit": dict(label="scratchvit", launches=dict(kernels=812, memcpy=3, memset=0, total=815,
-                                                                   reason=None)),
-               "torch": dict(label="torch 2.13", launches=dict(bench.NOT_COUNTED, reason="counting failed: X"))}
-    assert bench._launches_text(results) == ("launches per step: scratchvit 812 kernels (+3 memcpy, +0 memset); "
-                                             "torch 2.13 n/a (counting failed: X)")
+def test_gpu_work_line_per_library():
+    results = {"scratchvit": dict(label="scratchvit", gpu_operations=dict(
+                   kernels=812, memcpy=3, memset=0, total=815, kernel_ms=4.2, profiled_step_ms=10.5,
+                   kernel_share=0.4, bound="launch-bound", reason=None)),
+               "torch": dict(label="torch 2.13", gpu_operations=dict(bench.NOT_COUNTED, reason="tracing failed: X"))}
+    assert bench._gpu_work_text(results) == (
+        "GPU work per step: scratchvit 812 kernels (+3 memcpy, +0 memset), 4.20 ms in kernels of a 10.50 ms traced "
+        "step (40%): launch-bound; torch 2.13 n/a (tracing failed: X)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +399,7 @@ def test_compare_torch_reports_both(capsys):
     assert report["ratio"] > 0
     assert report["ratio"] == pytest.approx(ours["median_ms"] / theirs["median_ms"])
     assert theirs["median_ms"] > 0 and theirs["img_per_s"] > 0 and theirs["steps"] == 2
-    assert ours["launches_per_step"] is None and theirs["launches_per_step"] is None     # counted on the GPU only
+    assert ours["kernels_per_step"] is None and theirs["kernels_per_step"] is None       # counted on the GPU only
     # same initial weights, same batch: the first step's loss agrees to float32 rounding
     assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=1e-5)
     assert report["timing"]["rounds"] == 2 and "torch" in report["machine"]

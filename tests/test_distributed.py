@@ -403,7 +403,8 @@ def test_the_ranks_gradients_add_up_to_the_whole_batchs(size, batch, threads):
 # the random state of a mid-epoch checkpoint, under another number of ranks
 
 def dropout_models(count, dropout):
-    return [ViT(image_size=8, patch_size=2, num_classes=4, dim=8, depth=1, heads=2, mlp_dim=16, dropout=dropout, seed=0)
+    return [ViT(image_size=8, patch_size=2, num_classes=4, dim=8, depth=1, heads=2, mlp_dim=16, dropout=dropout,
+                emb_dropout=dropout, seed=0)
             for _ in range(count)]
 
 

@@ -10,8 +10,11 @@ Backward: y is linear in x with the fixed coefficients `mask`, so
     dL/dx = dL/dy * mask                      (and dL/dx = dL/dy in eval mode)
 
 Random state: the generator lives on the input's device (NumPy or CuPy), seeded by `seed`, and is
-created at the first forward. For gradient checks, `fix_mask()` makes later forwards reuse the
-current mask, so the function being differentiated stays the same; `release_mask()` undoes it.
+created at the first forward that draws. A dropout of p = 0 never draws, so it never has one: on
+CuPy a generator is a cuRAND state for each of 2048 threads per multiprocessor, allocated and
+initialised by a launch (cupy/random/_bit_generator.pyx:79-87), which a layer that draws nothing
+should not pay for. For gradient checks, `fix_mask()` makes later forwards reuse the current mask,
+so the function being differentiated stays the same; `release_mask()` undoes it.
 
 `forward_add(x, residual)` is `residual + forward(x)`, the residual add that follows a branch's
 dropout in a Transformer block: the same mask, drawn the same way and kept for the same backward
@@ -33,10 +36,18 @@ class Dropout(Layer):
         self.mask_fixed = False
         self.mask = None          # keep / (1 - p), used later in backward
 
-    def reseed(self, xp, seed):
-        """A fresh generator on xp's device (NumPy or CuPy), seeded by `seed`."""
+    def reseed(self, xp, seed, make_generator=random_generator):
+        """A fresh generator on xp's device (NumPy or CuPy), `make_generator(xp, seed)`; none for p = 0,
+        which draws nothing (its seed is kept, for a p set later)."""
         self.seed = seed
-        self.generator, self.generator_xp = random_generator(xp, seed), xp
+        if self.p > 0.0:
+            self.use_generator(xp, make_generator(xp, seed))
+        else:
+            self.generator, self.generator_xp = None, None
+
+    def use_generator(self, xp, generator):
+        """Draw the masks from `generator`, which draws on xp's device (a resumed run's restored one)."""
+        self.generator, self.generator_xp = generator, xp
 
     def fix_mask(self):
         """Reuse the current mask (drawn at the next forward if there is none) until release_mask()."""
@@ -54,7 +65,7 @@ class Dropout(Layer):
         if self.mask_fixed and self.mask is not None and self.mask.shape == x.shape:
             return False
         xp = get_array_module(x)
-        if self.generator_xp is not xp:
+        if self.generator is None or self.generator_xp is not xp:
             self.reseed(xp, self.seed)
         return True
 
