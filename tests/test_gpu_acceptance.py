@@ -205,6 +205,7 @@ def test_gpu_run_commands():
         assert bench[bench.index("--device") + 1] == "gpu" and bench[bench.index("--batch-size") + 1] == str(batch_size)
     assert commands["train"][1].endswith("train_mnist.py") and commands["train"][-2:] == ["--device", "gpu"]
     assert commands["train"][commands["train"].index("--out-dir") + 1] == str(Path("/out/train"))
+    assert "--overwrite" in commands["train"]            # a rerun replaces the last acceptance run's training
     assert all("CUDA_VISIBLE_DEVICES" not in stage.env for stage in stages)
     assert {stage.name: stage.env.get("HYPOTHESIS_PROFILE") for stage in stages}["gpu-tests"] == "ci"
 
