@@ -327,11 +327,17 @@ def epochs_of(out_dir):
     return [record["epoch"] for record in read_metrics(out_dir)]
 
 
-def test_a_full_disk_at_the_checkpoint_leaves_no_metrics_line_for_its_epoch(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("during", ["a new run", "a resumed run"])
+def test_a_full_disk_at_the_checkpoint_leaves_no_metrics_line_for_its_epoch(data_dir, tmp_path, monkeypatch,
+                                                                           during):
+    """The disk fills up when epoch 2's checkpoint is written (in a new run, or in one resumed after
+    epoch 1, as in the issue): metrics.jsonl does not list epoch 2, and the next resume lists it once."""
     out_dir = tmp_path / "run"
-    fail_writes_to(monkeypatch, "checkpoint.npz", after=1)          # epoch 2's checkpoint
+    if during == "a resumed run":
+        run(config_for(data_dir, out_dir, epochs=1), log=quiet)
+    fail_writes_to(monkeypatch, "checkpoint.npz", after=0 if during == "a resumed run" else 1)
     with pytest.raises(OutputError) as error:
-        run(config_for(data_dir, out_dir), log=quiet)
+        run(config_for(data_dir, out_dir, resume=during == "a resumed run"), log=quiet)
     assert str(error.value) == (f"cannot write {out_dir / 'checkpoint.npz'}: No space left on device; the last "
                                 f"checkpoint, {out_dir / 'checkpoint.npz'} (after epoch 1), is intact: continue "
                                 f"from it with --resume")
