@@ -4,8 +4,12 @@ This script only parses arguments and calls `scratchvit.train`; everything it do
 Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
 non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
-an output folder that cannot be created and a diverged run, 130 after Ctrl-C (a checkpoint is
-written first).
+an output folder that cannot be created, locked or written to and a diverged run, 130 after Ctrl-C
+and 143 after SIGTERM (during training a checkpoint is written first).
+
+The output folder is the run's own (scratchvit/train.py, RunFolder): a second run on the same
+--out-dir stops at once, naming the run that holds it; a folder that holds a run is continued with
+--resume or replaced with --overwrite, never replaced silently.
 
 Recipes (scratchvit/recipes.py): `--device gpu` trains with the GPU recipe (batch 512 and the schedule
 that goes with it), the CPU with the CPU recipe; `--recipe` names one explicitly, and an option given
@@ -15,7 +19,8 @@ Under mpiexec (`mpiexec -n 4 python train_mnist.py ...`) every process runs this
 data-parallel (scratchvit/distributed.py); rank 0 alone prints and writes. An error on any rank ends
 the whole job, never a hang: that rank prints its one line, prefixed with the rank, and MPI_Abort
 ends every process with the exit status above (mpiexec passes it on). Ctrl-C stops every rank at the
-same step, rank 0 writes the checkpoint, and all exit with 130.
+same step, rank 0 writes the checkpoint, and all exit with 130; SIGTERM (mpiexec passes it on too)
+the same way, with 143.
 """
 import argparse
 import dataclasses
@@ -27,7 +32,8 @@ from scratchvit.data import DataError
 from scratchvit.distributed import DistributedError, world
 from scratchvit.recipes import RECIPES, SUMMARIES
 from scratchvit.train import (LOSS_READ_INTERVAL, CheckpointError, ConfigError, NonFiniteLoss, OutputError,
-                              TrainConfig, TrainingInterrupted, report_checkpoint, run)
+                              Terminated, TrainConfig, TrainingInterrupted, report_checkpoint, run,
+                              terminate_like_ctrl_c)
 
 
 RECIPE_OPTIONS = {name for options in RECIPES.values() for name in options}
@@ -97,6 +103,9 @@ def build_parser():
     add_option(parser, "--eval-batch-size", "images per forward pass when measuring test (and validation) accuracy",
                type=int)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in OUT (its checkpoint, logs, plots and evaluation), saying what it "
+                             "replaces; without it (or --resume) a folder that holds a run is refused")
     parser.add_argument("--log-every", type=int, default=defaults.log_every, metavar="N",
                         help=f"write a line to OUT/steps.jsonl every N steps (step, epoch, mean loss since the "
                              f"last line, lr, images/s): a multiple of {LOSS_READ_INTERVAL}, the steps between "
@@ -132,11 +141,12 @@ def main(argv=None):
         return 2
     # communicator.fail: print the one line and return the status; under MPI, with the rank, then MPI_Abort
     try:
-        if args.eval_only:
-            if communicator.is_root:    # one evaluation report, not one per rank
-                report_checkpoint(args.checkpoint, config)
-        else:
-            run(config, communicator=communicator)
+        with terminate_like_ctrl_c():   # SIGTERM ends the program as Ctrl-C does (in training: a checkpoint first)
+            if args.eval_only:
+                if communicator.is_root:    # one evaluation report, not one per rank
+                    report_checkpoint(args.checkpoint, config)
+            else:
+                run(config, communicator=communicator)
     except (BackendUnavailable, ConfigError, DistributedError) as error:
         return communicator.fail(f"error: {error}", 2)
     except (DataError, CheckpointError, OutputError, NonFiniteLoss) as error:
@@ -145,9 +155,9 @@ def main(argv=None):
         # every rank stopped at the same step and the checkpoint is written: an orderly end, said once
         if communicator.is_root:
             print(str(interrupt), file=sys.stderr)
-        return 130
-    except KeyboardInterrupt as interrupt:        # Ctrl-C outside training (loading, evaluating at the end)
-        return communicator.fail(str(interrupt) or "interrupted", 130)
+        return interrupt.exit_status              # 130 (Ctrl-C) or 143 (SIGTERM), the same on every rank
+    except KeyboardInterrupt as interrupt:        # Ctrl-C or SIGTERM outside training (loading, evaluating at the end)
+        return communicator.fail(str(interrupt) or "interrupted", 143 if isinstance(interrupt, Terminated) else 130)
     except Exception as error:
         if communicator.size == 1:                # one process: a bug keeps its traceback, as before
             raise

@@ -30,7 +30,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -168,11 +167,12 @@ def atomic_write_bytes(path, data):
 
     Readers see either the old file or the complete new one, never a partial write, even after a
     crash; on any failure the temporary file is removed. Missing parent folders are created.
-    (Also how training writes its checkpoints.)
+    (Also how training writes its checkpoints.) The file gets the permissions a plain `open()` would
+    give it (0666 less the umask: 0644 under the usual 022), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    descriptor, temporary_name = create_temporary_file(path)
     try:
         with os.fdopen(descriptor, "wb") as temporary_file:
             temporary_file.write(data)
@@ -185,6 +185,21 @@ def atomic_write_bytes(path, data):
         except OSError:
             pass
         raise
+
+
+def create_temporary_file(path, attempts=100):
+    """(descriptor, name) of a new file ".NAME.RANDOM.part" beside `path`, opened for writing.
+
+    Created as mkstemp does (O_EXCL: a new file of our own, never one planted there or a link's
+    target) but with mode 0666, which the kernel reduces by the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(attempts):
+        name = path.parent / f".{path.name}.{os.urandom(6).hex()}.part"
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name beside {path} after {attempts} attempts")
 
 
 def idx_bytes(array):

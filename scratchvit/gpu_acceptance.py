@@ -621,7 +621,8 @@ def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=N
         stages.append(Stage(f"bench-{batch_size}", "bench", bench + ["--json"], *limits["bench"],
                             functools.partial(judge_bench, batch_size=batch_size, torch_expected=not dry_run)))
     train_dir = Path(work_dir) / "train"
-    train = [python, str(TRAIN_SCRIPT), "--data-dir", str(data_dir), "--out-dir", str(train_dir)]
+    # --overwrite: a rerun with the same --work-dir replaces the last acceptance run's training (without it refused)
+    train = [python, str(TRAIN_SCRIPT), "--data-dir", str(data_dir), "--out-dir", str(train_dir), "--overwrite"]
     if dry_run:
         train += ["--device", "cpu", "--recipe", "gpu", "--epochs", "1", "--train-limit", "512", "--batch-size", "64",
                   *DRY_RUN_MODEL, "--eval-batch-size", "256"]

@@ -18,37 +18,50 @@ Around it (`run`):
   so whether the average pays is measured where settings are chosen);
 - after every epoch: test accuracy in eval mode (and, with `validation` N > 0, the accuracy on the
   last N training images, held out of training: settings are chosen on those, never on the test
-  set), one JSON line in OUT/metrics.jsonl, and a checkpoint written atomically to
-  OUT/checkpoint.npz (model, optimiser, random state, epoch, configuration);
+  set), a checkpoint written atomically to OUT/checkpoint.npz (model, optimiser, random state,
+  epoch, configuration), then one JSON line in OUT/metrics.jsonl: no line lists an epoch that no
+  checkpoint holds;
 - every `log_every` steps, one JSON line in OUT/steps.jsonl (`StepLog`), written at the loss reads
   the loop makes anyway;
+- the output folder is the run's own (`RunFolder`): locked for the whole run, refused if it holds a
+  run that the run neither resumes nor replaces (`overwrite`), logs never written through a link,
+  cut back to the checkpoint on resume, and every OSError on output one line naming the file and
+  the last checkpoint, intact;
 - randomness: the shuffle, the augmentation and dropout of epoch e draw from generators seeded by
   (seed, e), and a checkpoint saves the generators' states (NumPy's own; on CuPy, whose state cannot
   be read, the seed and the draws made, which a resume replays: EpochRandomness), so a resumed run
-  repeats an uninterrupted one exactly, even from a checkpoint written by Ctrl-C in the middle of an epoch;
+  repeats an uninterrupted one exactly, even from a checkpoint written by Ctrl-C (or SIGTERM) in the
+  middle of an epoch;
 - a non-finite loss stops the run with `NonFiniteLoss` before any checkpoint is written, so the
   last good checkpoint survives;
 - under mpiexec, data-parallel over processes (distributed.py): every rank holds the data and a
   replica, draws the same shuffle and augments the same whole batch, TrainStep trains each rank on its
   shard and sums the gradients with one Allreduce; the loss is summed over the ranks at the loss
-  reads, and the ranks agree there whether Ctrl-C came; each rank evaluates a slice of the test (and
-  validation) images and the correct counts are summed; rank 0 alone logs and writes files. The
+  reads, and the ranks agree there whether Ctrl-C or SIGTERM came; each rank evaluates a slice of the
+  test (and validation) images and the correct counts are summed; rank 0 alone logs and writes files. The
   checkpoint holds nothing that depends on the number of ranks (the loss so far is the job's, the
   augmentation generator is shared), so a checkpoint written by N ranks resumes under M.
 """
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import zipfile
 import zlib
 from pathlib import Path
+
+try:
+    import fcntl                 # POSIX: the output folder's lock
+except ImportError:
+    fcntl = None
 
 from .backend import (ReplayableGenerator, get_array_module, get_backend, host, host_generator, keep_freed_host_memory,
                       random_generator)
@@ -95,6 +108,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     threads: int = None          # CPU worker threads for the data-parallel step (None: one per core)
     resume: bool = False
+    overwrite: bool = False      # replace the run in out_dir (without it a folder holding a run is refused)
     plot: bool = False
     log_every: int = LOSS_READ_INTERVAL   # steps between lines of OUT/steps.jsonl: a multiple of it, or 0 (off)
 
@@ -121,8 +135,11 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                              "overwrite replaces it")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads!r}")
         if self.validation < 0:
@@ -364,7 +381,8 @@ def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, ran
     arrays["meta"] = host.frombuffer(json.dumps(meta).encode(), dtype=host.uint8)
     buffer = io.BytesIO()
     host.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    with writing(path):
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path, *, averaged=False):
@@ -503,7 +521,7 @@ class StepLog:
         record = dict(step=global_step, epoch=epoch + 1, loss=(loss_sum - self.start_sum) / steps, lr=lr,
                       images_per_second=(self.images_after(steps_done) - self.images_after(self.start_steps))
                       / max(now - self.start_time, 1e-9))
-        with open(self.path, "a") as file:
+        with writing(self.path), open_log(self.path) as file:
             file.write(json.dumps(record) + "\n")
         self.begin(steps_done, loss_sum, now)
 
@@ -533,28 +551,72 @@ def keep_steps_up_to(path, last_step):
     kept = [record for record in read_step_log(path) if record["step"] <= last_step]
     text = "".join(json.dumps(record) + "\n" for record in kept)
     if text != path.read_text():
+        check_writable(path)
         atomic_write_bytes(path, text.encode())
 
 
 # ------------------------------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopOnInterrupt:
-    """Ctrl-C (SIGINT) during training sets a flag that the loop checks between steps, so the
-    checkpoint it then writes never holds a half-applied optimiser step."""
+    """Ctrl-C (SIGINT) or SIGTERM (what `kill`, batch schedulers and container runtimes send) during
+    training sets a flag that the loop checks between steps, so the checkpoint it then writes never holds
+    a half-applied optimiser step. `signal_number`: the signal that came (SIGTERM if both did)."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = None
+        self.signal_number = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._request)
+            self.previous = {number: signal.signal(number, self._request) for number in STOP_SIGNALS}
         return self
 
+    @property
+    def requested(self):
+        return self.signal_number is not None
+
     def _request(self, signum, frame):
-        self.requested = True
+        self.signal_number = max(signum, self.signal_number or 0)
+
+    def agreed_signal(self, communicator=SINGLE_PROCESS):
+        """The signal every rank stops for (collective under MPI; called once the ranks agree to stop): SIGTERM
+        if any rank got it, so that every rank exits with the same status."""
+        return max(communicator.allgather(self.signal_number or 0)) or signal.SIGINT
 
     def __exit__(self, *exc_info):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            if previous is not None:           # None: a handler not installed from Python, which cannot be restored
+                signal.signal(number, previous)
+
+
+def stop_words(signal_number):
+    """How the line after a stop begins: "interrupted" for Ctrl-C, "terminated by SIGTERM" for SIGTERM."""
+    return "interrupted" if signal_number == signal.SIGINT else f"terminated by {signal.Signals(signal_number).name}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (loading the data, evaluating, plotting): raised by the handler
+    that `terminate_like_ctrl_c` installs, so the process ends as after Ctrl-C, in one line."""
+
+
+@contextlib.contextmanager
+def terminate_like_ctrl_c():
+    """For a command-line program: while inside, SIGTERM raises Terminated where Ctrl-C would raise
+    KeyboardInterrupt (the default action kills the process without a word). During training run()'s
+    StopOnInterrupt takes both signals over, and a checkpoint is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def augment(images, config, generator):
@@ -570,8 +632,14 @@ def evaluated_weights(weight_average):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training between two steps, after the checkpoint was written (under MPI: every
-    rank stops at the same step, and rank 0 wrote the checkpoint)."""
+    """Ctrl-C or SIGTERM stopped training between two steps, after the checkpoint was written (under MPI:
+    every rank stops at the same step, and rank 0 wrote the checkpoint). `exit_status`: 128 + the signal's
+    number, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM."""
+
+    def __init__(self, message, signal_number=signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.exit_status = 128 + signal_number
 
 
 def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step, *, first_step, resume_state,
@@ -609,8 +677,8 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
             on_step(epoch, step)
         last_step = step == steps_per_epoch - 1
         read_now = (step + 1) % LOSS_READ_INTERVAL == 0 or last_step
-        # one process stops at the step after Ctrl-C; MPI ranks stop together, at the first loss read after
-        # it reached any of them (mpiexec passes SIGINT on to every rank, not necessarily at the same step)
+        # one process stops at the step after Ctrl-C (or SIGTERM); MPI ranks stop together, at the first loss read
+        # after it reached any of them (mpiexec passes both on to every rank, not necessarily at the same step)
         stopping = (interrupt.requested if communicator.size == 1
                     else read_now and communicator.any_rank(interrupt.requested))
         if read_now or stopping:
@@ -630,13 +698,14 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                                  lr=optimizer.lr, now=now, end=last_step or stopping)
         if stopping and not last_step:
             progress.close()
+            signal_number = interrupt.agreed_signal(communicator)
             random_state = randomness.state(communicator)          # rank 0 gathers every rank's dropout states
             if communicator.is_root:
                 save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch,
                                 step_in_epoch=step + 1, history=history, weight_average=weight_average,
                                 random_state=dict(random_state, loss_sum=total))
-            raise TrainingInterrupted(f"interrupted: checkpoint written to {checkpoint_path} "
-                                      f"(epoch {epoch + 1}, step {step + 1}); continue with --resume")
+            raise TrainingInterrupted(f"{stop_words(signal_number)}: checkpoint written to {checkpoint_path} "
+                                      f"(epoch {epoch + 1}, step {step + 1}); continue with --resume", signal_number)
     progress.close()
     train_seconds = time.perf_counter() - started
     record = dict(epoch=epoch + 1, train_loss=total / steps_per_epoch)      # total: the last step's read
@@ -664,6 +733,48 @@ def check_plot_dependency(config):
             raise ConfigError(f"--plot: {MATPLOTLIB_HINT}")
 
 
+# ------------------------------------------------------------------------------------------------
+# the output folder: one run's own
+
+CHECKPOINT_NAME = "checkpoint.npz"
+METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".lock"
+# what else training and --eval-only write into the folder: --overwrite removes them with the run they describe
+RUN_PLOT_NAMES = ("curves.png", "attention.png", "attention_heads.png")
+EVALUATION_NAME = "evaluation.json"
+EVALUATION_FILE_NAMES = (EVALUATION_NAME, "confusion.png", "misclassified.png")
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)       # POSIX; Windows has none, and no symbolic links a user can plant
+
+
+class OutputWriteError(OutputError):
+    """A write into the output folder failed (a full disk, a read-only file); run() adds which checkpoint is intact."""
+
+
+@contextlib.contextmanager
+def writing(what):
+    """Turn an OSError raised while writing `what` (a path, or words naming files) into a one-line OutputWriteError."""
+    try:
+        yield
+    except OSError as error:
+        # O_NOFOLLOW refuses a link with ELOOP, whose own words ("too many levels of symbolic links") mislead
+        reason = ("it is a symbolic link, which the run does not follow" if error.errno == errno.ELOOP
+                  else error.strerror or str(error))
+        raise OutputWriteError(f"cannot write {what}: {reason}") from None
+
+
+def open_log(path, mode="a"):
+    """A log of the output folder opened for appending ("a") or emptied ("w"), never through a symbolic link:
+    with O_NOFOLLOW a link in its place is an error (ELOOP), not a way to truncate or fill the link's target."""
+    flags = os.O_WRONLY | os.O_CREAT | NO_FOLLOW | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o666), mode)
+
+
+def check_writable(path):
+    """OSError unless the existing file `path` opens for writing as it is (a file of its own, not read-only);
+    the open changes nothing. Checked before a log is replaced, which a read-only file would not stop."""
+    os.close(os.open(path, os.O_WRONLY | NO_FOLLOW))
+
+
 def make_output_folder(out_dir):
     """Create `out_dir` (and its parents) and check that it can be written to, or OutputError:
     called before the data are loaded, so a bad --out-dir costs no loading and no training."""
@@ -675,6 +786,175 @@ def make_output_folder(out_dir):
         raise OutputError(f"cannot create the output folder {out_dir}: {reason}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to the output folder {out_dir}: permission denied")
+
+
+def printable(text, limit=200):
+    """`text` on one line of printable characters (a lock file is read from disk: it may hold anything)."""
+    return "".join(character if character.isprintable() else "?" for character in " ".join(text.split()))[:limit]
+
+
+class FolderLock:
+    """An exclusive lock (fcntl.flock) on OUT/.lock, held while a run writes into OUT.
+
+    flock belongs to the open file, and the kernel drops it when the process ends however it ends, so a
+    crashed or killed run leaves no stale lock. The file names its holder (pid, host, start time) for the
+    line a second run gets, and is removed on release: a run that opened it just before and then locked
+    the removed file finds that the name no longer leads to its file, and locks the new one instead.
+    Where fcntl is missing (Windows) a run is not locked."""
+
+    def __init__(self, folder):
+        self.folder, self.path, self.descriptor = Path(folder), Path(folder) / LOCK_NAME, None
+
+    def acquire(self):
+        if fcntl is None:
+            return
+        while self.descriptor is None:
+            with writing(self.path):
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | NO_FOLLOW | getattr(os, "O_CLOEXEC", 0),
+                                     0o666)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = printable(os.pread(descriptor, 1000, 0).decode(errors="replace")) or "it has not said who"
+                os.close(descriptor)
+                raise OutputError(f"the output folder {self.folder} is in use by another run ({holder}): wait for "
+                                  f"it to end, or choose another --out-dir") from None
+            except OSError as error:
+                os.close(descriptor)
+                raise OutputError(f"cannot lock {self.path}: {error.strerror or error}") from None
+            try:
+                ours = os.path.samestat(os.fstat(descriptor), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                ours = False
+            if ours:
+                self.descriptor = descriptor
+            else:
+                os.close(descriptor)
+        holder = (f"pid {os.getpid()} on {socket.gethostname()}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+        with writing(self.path):
+            os.ftruncate(self.descriptor, 0)
+            os.pwrite(self.descriptor, holder.encode() + b"\n", 0)
+
+    def release(self):
+        if self.descriptor is None:
+            return
+        with contextlib.suppress(OSError):      # removed while still locked: no run can take it in between
+            os.unlink(self.path)
+        os.close(self.descriptor)
+        self.descriptor = None
+
+
+def describe_log(path, record_name):
+    """What a non-empty log at `path` holds, in a few words for the --overwrite line and the refusal; None if empty."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+        records = read_step_log(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return path.name
+    last = records[-1] if records and isinstance(records[-1], dict) else {}
+    accuracy = last.get("test_accuracy")
+    accuracy = f", the last at test accuracy {accuracy:.2%}" if isinstance(accuracy, float) else ""
+    return f"{path.name} ({len(records)} {record_name}{'' if len(records) == 1 else 's'}{accuracy})"
+
+
+class RunFolder:
+    """The output folder while a run writes into it (under MPI, rank 0's): made, locked and checked on entry.
+
+    Entering it creates OUT, takes the lock (a second run on OUT stops there, in one line naming the
+    holder), refuses symbolic links in place of the logs, and refuses a folder that holds a run (a
+    checkpoint or a non-empty log) unless the run resumes it or config.overwrite replaces it, which the
+    first log line then says, with what it replaces. Nothing in the folder changes until `begin`, called
+    once the data, the model and the checkpoint have been checked: a run that fails before it leaves the
+    folder as it was. Leaving releases the lock and completes an OutputWriteError with the state of the
+    last checkpoint (`saved`, which run() keeps up to date)."""
+
+    def __init__(self, config, log):
+        self.config, self.log, self.path = config, log, Path(config.out_dir)
+        self.checkpoint, self.metrics, self.steps = (self.path / name
+                                                     for name in (CHECKPOINT_NAME, METRICS_NAME, STEP_LOG_NAME))
+        self.lock = FolderLock(self.path)
+        self.saved = None            # (epoch, step_in_epoch) of the checkpoint on disk that belongs to this run
+
+    def __enter__(self):
+        make_output_folder(self.path)
+        self.lock.acquire()
+        try:
+            self.check()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.lock.release()
+        if isinstance(error, OutputWriteError):
+            raise OutputError(f"{error}; {self.checkpoint_note()}") from None
+        return False
+
+    def check(self):
+        for path in (self.metrics, self.steps):
+            if path.is_symlink():
+                raise OutputError(f"{path} is a symbolic link: a run writes its logs into files of its own, never "
+                                  f"through a link; remove it or choose another --out-dir")
+        if self.config.resume:
+            return
+        found = [CHECKPOINT_NAME] if self.checkpoint.exists() else []
+        found += [text for text in (describe_log(self.metrics, "epoch"), describe_log(self.steps, "line")) if text]
+        if found and not self.config.overwrite:
+            raise OutputError(f"the output folder {self.path} holds a run ({', '.join(found)}): continue it with "
+                              f"--resume, replace it with --overwrite, or choose another --out-dir")
+        if self.config.overwrite:
+            found += [name for name in RUN_PLOT_NAMES + EVALUATION_FILE_NAMES if (self.path / name).exists()]
+            if found:
+                self.log(f"--overwrite: replacing the run in {self.path}: {', '.join(found)}")
+
+    def begin(self, *, history, optimizer_step, saved=None):
+        """Make the folder this run's: a new run removes what --overwrite replaces and starts from empty
+        logs; a resumed one (`saved`: its checkpoint's epoch and step) cuts metrics.jsonl and steps.jsonl
+        back to that checkpoint, so every line in them belongs to the saved run."""
+        self.saved = saved
+        if self.config.resume:
+            with writing(self.metrics):
+                keep_metrics_of(self.metrics, history)
+            with writing(self.steps):
+                keep_steps_up_to(self.steps, optimizer_step)
+            return
+        if self.config.overwrite:
+            for name in (CHECKPOINT_NAME, *RUN_PLOT_NAMES, *EVALUATION_FILE_NAMES):
+                with writing(self.path / name):
+                    (self.path / name).unlink(missing_ok=True)
+        with writing(self.metrics), open_log(self.metrics, "w"):
+            pass
+        # a new run's step log starts empty; with the log off, an older run's would be plotted as this one's
+        with writing(self.steps):
+            if self.config.log_every:
+                open_log(self.steps, "w").close()
+            else:
+                self.steps.unlink(missing_ok=True)
+
+    def checkpoint_note(self):
+        if self.saved is None:
+            return "no checkpoint of this run was written yet"
+        epoch, step = self.saved
+        at = f"epoch {epoch + 1}, step {step}" if step else f"after epoch {epoch}"
+        return f"the last checkpoint, {self.checkpoint} ({at}), is intact: continue from it with --resume"
+
+
+def keep_metrics_of(path, history):
+    """Rewrite metrics.jsonl to hold exactly the checkpoint's `history`, one line per epoch it finished: a
+    line written after the checkpoint (before a crash) goes, and one lost to a failed write comes back.
+    (The lines are the records themselves: a JSON round trip gives every float back exactly.)"""
+    path = Path(path)
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    if path.exists() and text == path.read_text():
+        return
+    if path.exists():
+        check_writable(path)
+    atomic_write_bytes(path, text.encode())
 
 
 def learning_rate_schedule(config, steps_per_epoch):
@@ -763,89 +1043,90 @@ def run(config, *, log=log_line, on_step=None, communicator=None):
     if backend.name == "cpu":
         keep_freed_host_memory()
     out_dir = Path(config.out_dir)
-    checkpoint_path = out_dir / "checkpoint.npz"
-    check_plot_dependency(config)
-    if root:
-        make_output_folder(out_dir)
-    data = load_data(config, backend)
-    config.validate_for_images(data["image_size"])
-    model = build_model(config, data).to(backend)
-    optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(data["train_images"].shape[0] / config.batch_size)
-    optimizer.set_schedule(learning_rate_schedule(config, steps_per_epoch))
-    threads = config.threads if config.threads is not None else communicator.default_threads()
-    train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
-                           threads=threads, communicator=communicator)
-    communicator.prepare_exchange(backend)
-    weight_average = WeightAverage(optimizer.data, config.ema_decay) if config.ema_decay else None
-
-    start_epoch, start_step, random_state, history = 0, 0, None, []
-    if config.resume:
-        meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
-        check_same_model(checkpoint_path, meta["model_config"], model.config)
-        check_same_validation_split(checkpoint_path, meta["train_config"], config)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"], lr=meta["optimizer_lr"]))
-        if weight_average is not None:
-            resume_weight_average(checkpoint_path, meta, model, weight_average)
-        start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
-        random_state, history = meta["random_state"], meta["history"]
-        log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
-    if communicator.size > 1:
-        describe_ranks(config, data, optimizer, train_step, communicator, log)
-    metrics_path = out_dir / "metrics.jsonl"
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    metrics_path = out_dir / METRICS_NAME
     step_log_path = out_dir / STEP_LOG_NAME
-    if root and config.resume:                 # only rank 0 writes files
-        keep_steps_up_to(step_log_path, optimizer.step_count)
-    elif root:
-        metrics_path.write_text("")
-        # a fresh run's step log starts empty; with the log off, an older run's would be plotted as this one's
-        if config.log_every:
-            step_log_path.write_text("")
-        else:
-            step_log_path.unlink(missing_ok=True)
-    step_log = (StepLog(step_log_path, config.log_every, config.batch_size, data["train_images"].shape[0])
-                if config.log_every and root else None)
+    check_plot_dependency(config)
+    # rank 0 alone writes files, so rank 0 alone holds the folder: locked from here until run returns
+    with RunFolder(config, log) if root else contextlib.nullcontext() as folder:
+        data = load_data(config, backend)
+        config.validate_for_images(data["image_size"])
+        model = build_model(config, data).to(backend)
+        optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                          weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(data["train_images"].shape[0] / config.batch_size)
+        optimizer.set_schedule(learning_rate_schedule(config, steps_per_epoch))
+        threads = config.threads if config.threads is not None else communicator.default_threads()
+        train_step = TrainStep(model, optimizer, SoftmaxCrossEntropy(config.label_smoothing), config.clip_grad_norm,
+                               threads=threads, communicator=communicator)
+        communicator.prepare_exchange(backend)
+        weight_average = WeightAverage(optimizer.data, config.ema_decay) if config.ema_decay else None
 
-    model.train()
-    # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only add noise
-    with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for epoch in range(start_epoch, config.epochs):
-            # Ctrl-C came during the last evaluation (on any rank): its checkpoint is written
-            if communicator.any_rank(interrupt.requested):
-                raise TrainingInterrupted(f"interrupted: checkpoint of epoch {epoch} in {checkpoint_path}; "
-                                          f"continue with --resume")
-            resuming_here = epoch == start_epoch and start_step > 0
-            record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
-                                 first_step=start_step if resuming_here else 0,
-                                 resume_state=random_state if resuming_here else None,
-                                 steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path, history=history,
-                                 step_log=step_log, weight_average=weight_average, communicator=communicator,
-                                 log=log)
-            record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
-            record["wall_seconds"] = time.perf_counter() - run_started
-            history.append(record)
-            # rank 0's files stand for every rank: their weights must still be equal (see distributed.py)
-            communicator.check_same(f"weights after epoch {epoch + 1}", optimizer.data,
-                                    hint="the MPI library's Allreduce gave the ranks different sums (see "
-                                         "scratchvit/distributed.py); try another MPI library")
-            if root:
-                with open(metrics_path, "a") as file:
-                    file.write(json.dumps(record) + "\n")
-                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config, epoch=epoch + 1,
-                                step_in_epoch=0, random_state=None, history=history, weight_average=weight_average)
-            validation = (f"validation accuracy {record['validation_accuracy']:.2%}  "
-                          if "validation_accuracy" in record else "")
-            log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  {validation}"
-                f"test accuracy {record['test_accuracy']:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s  "
-                f"({record['images_per_second']:.0f} img/s)")
-    if config.plot and history and root:
-        from .plots import write_plots
-        with evaluated_weights(weight_average):
-            paths = write_plots(out_dir, model, data["test_images"], data["test_labels"], history,
-                                steps=read_step_log(step_log_path))
-        for path in paths:
-            log(f"wrote {path}")
+        start_epoch, start_step, random_state, history = 0, 0, None, []
+        if config.resume:
+            meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
+            check_same_model(checkpoint_path, meta["model_config"], model.config)
+            check_same_validation_split(checkpoint_path, meta["train_config"], config)
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"],
+                                           lr=meta["optimizer_lr"]))
+            if weight_average is not None:
+                resume_weight_average(checkpoint_path, meta, model, weight_average)
+            start_epoch, start_step = meta["epoch"], meta["step_in_epoch"]
+            random_state, history = meta["random_state"], meta["history"]
+            log(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        if communicator.size > 1:
+            describe_ranks(config, data, optimizer, train_step, communicator, log)
+        if root:       # everything is checked: only now does the run change what the folder holds
+            folder.begin(history=history, optimizer_step=optimizer.step_count,
+                         saved=(start_epoch, start_step) if config.resume else None)
+        step_log = (StepLog(step_log_path, config.log_every, config.batch_size, data["train_images"].shape[0])
+                    if config.log_every and root else None)
+
+        model.train()
+        # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only
+        # add noise
+        with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for epoch in range(start_epoch, config.epochs):
+                # Ctrl-C or SIGTERM came during the last evaluation (on any rank): its checkpoint is written
+                if communicator.any_rank(interrupt.requested):
+                    signal_number = interrupt.agreed_signal(communicator)
+                    raise TrainingInterrupted(f"{stop_words(signal_number)}: checkpoint of epoch {epoch} in "
+                                              f"{checkpoint_path}; continue with --resume", signal_number)
+                resuming_here = epoch == start_epoch and start_step > 0
+                record = train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on_step,
+                                     first_step=start_step if resuming_here else 0,
+                                     resume_state=random_state if resuming_here else None,
+                                     steps_per_epoch=steps_per_epoch, checkpoint_path=checkpoint_path,
+                                     history=history, step_log=step_log, weight_average=weight_average,
+                                     communicator=communicator, log=log)
+                record["elapsed"] = (history[-1]["elapsed"] if history else 0.0) + record["seconds"]
+                record["wall_seconds"] = time.perf_counter() - run_started
+                history.append(record)
+                # rank 0's files stand for every rank: their weights must still be equal (see distributed.py)
+                communicator.check_same(f"weights after epoch {epoch + 1}", optimizer.data,
+                                        hint="the MPI library's Allreduce gave the ranks different sums (see "
+                                             "scratchvit/distributed.py); try another MPI library")
+                if root:
+                    # the checkpoint first: metrics.jsonl never lists an epoch that no checkpoint holds
+                    save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, config=config,
+                                    epoch=epoch + 1, step_in_epoch=0, random_state=None, history=history,
+                                    weight_average=weight_average)
+                    folder.saved = (epoch + 1, 0)
+                    with writing(metrics_path), open_log(metrics_path) as file:
+                        file.write(json.dumps(record) + "\n")
+                validation = (f"validation accuracy {record['validation_accuracy']:.2%}  "
+                              if "validation_accuracy" in record else "")
+                log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  {validation}"
+                    f"test accuracy {record['test_accuracy']:.2%}  lr {record['lr']:.2e}  {record['seconds']:.1f}s  "
+                    f"({record['images_per_second']:.0f} img/s)")
+        if config.plot and history and root:
+            from .plots import write_plots
+            with evaluated_weights(weight_average), writing(f"the plots in {out_dir}"):
+                paths = write_plots(out_dir, model, data["test_images"], data["test_labels"], history,
+                                    steps=read_step_log(step_log_path))
+            for path in paths:
+                log(f"wrote {path}")
     log(f"done in {time.perf_counter() - run_started:.1f}s; metrics in {metrics_path}, checkpoint in {checkpoint_path}")
     return history
 
@@ -871,9 +1152,6 @@ def evaluate_checkpoint(path, config, *, log=log_line):
     accuracy = evaluate(model, data["test_images"], data["test_labels"], config.eval_batch_size)
     log(f"test accuracy {accuracy:.2%} ({path}, epoch {meta['epoch']})")
     return accuracy
-
-
-EVALUATION_NAME = "evaluation.json"
 
 
 def report_checkpoint(path, config, *, log=log_line):

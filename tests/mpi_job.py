@@ -1,16 +1,19 @@
 """The programs tests/test_distributed.py runs under `mpiexec -n 2` (every rank runs this file).
 
-    python tests/mpi_job.py train [--float64] [--interrupt-on-rank R --at E,S] [--fail-on-rank R --at E,S]
-                                  -- TRAIN_MNIST_OPTIONS
+    python tests/mpi_job.py train [--float64] [--interrupt-on-rank R --at E,S [--signal TERM]]
+                                  [--fail-on-rank R --at E,S] -- TRAIN_MNIST_OPTIONS
         train_mnist.py's main with those options, and:
         --float64             the model and the images in float64 (float32 rounding would hide a wrong
                               shard weight no better than 1e-3; float64 compares to 1e-10);
         --interrupt-on-rank   this rank alone sends itself SIGINT after step S of epoch E (0-based), as a
-                              Ctrl-C that reached one rank first;
+                              Ctrl-C that reached one rank first (--signal TERM: SIGTERM, as a `kill`
+                              of that one process);
         --fail-on-rank        this rank alone raises MemoryError("simulated out of memory") there;
         --slow-from E,S --ready-file PATH
                               from step S of epoch E on, every rank sleeps 0.1 s per step, and rank 0
-                              creates PATH there: the test then sends Ctrl-C to mpiexec itself.
+                              creates PATH there: the test then sends Ctrl-C (or SIGTERM) to mpiexec itself.
+    Without mpiexec it runs as one process: tests/test_output_folder.py uses --slow-from to signal a
+    single training process from outside.
     python tests/mpi_job.py exchange
         the host-staged gradient exchange on NumPy arrays through the real MPI, checked against the exact
         sum and against a plain Allreduce; prints "exchange ok" (rank 0) and exits 0.
@@ -57,8 +60,8 @@ def step_hook(rank, action, at):
     return on_step
 
 
-def interrupt_myself():
-    os.kill(os.getpid(), signal.SIGINT)
+def interrupt_myself(signal_number=signal.SIGINT):
+    os.kill(os.getpid(), signal_number)
 
 
 def run_out_of_memory():
@@ -83,6 +86,7 @@ def train_main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument("--float64", action="store_true")
     parser.add_argument("--interrupt-on-rank", type=int)
+    parser.add_argument("--signal", choices=["INT", "TERM"], default="INT")
     parser.add_argument("--fail-on-rank", type=int)
     parser.add_argument("--at", default="0,0")
     parser.add_argument("--slow-from")
@@ -96,7 +100,8 @@ def train_main(argv):
         train.build_model, train.load_data = float64_build_and_load()
     at = tuple(int(number) for number in args.at.split(","))
     if args.interrupt_on_rank is not None:
-        train_mnist.run = functools.partial(train.run, on_step=step_hook(args.interrupt_on_rank, interrupt_myself, at))
+        interrupt = functools.partial(interrupt_myself, getattr(signal, f"SIG{args.signal}"))
+        train_mnist.run = functools.partial(train.run, on_step=step_hook(args.interrupt_on_rank, interrupt, at))
     if args.fail_on_rank is not None:
         train_mnist.run = functools.partial(train.run, on_step=step_hook(args.fail_on_rank, run_out_of_memory, at))
     if args.slow_from is not None:

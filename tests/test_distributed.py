@@ -34,7 +34,7 @@ from scratchvit.distributed import (DistributedError, HostStagedAllreduce, MpiAl
                                     threads_for_rank)
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
-from scratchvit.train import EpochRandomness, TrainConfig, load_checkpoint, parameter_groups, run
+from scratchvit.train import LOCK_NAME, EpochRandomness, TrainConfig, load_checkpoint, parameter_groups, run
 from scratchvit.train_step import TrainStep
 from scratchvit.vit import ViT
 from test_train import TINY_MODEL, TINY_MODEL_ARGS, read_metrics, write_dataset
@@ -606,13 +606,11 @@ def test_ctrl_c_on_one_rank_stops_both_and_the_checkpoint_resumes_in_one_process
     assert_same_run(history, tmp_path, reference_history, reference_dir)
 
 
-@needs_mpi
-def test_ctrl_c_to_mpiexec_reaches_every_rank_and_writes_one_checkpoint(job_data, tmp_path):
-    """Ctrl-C as a user gives it: SIGINT to mpiexec, which passes it on to every rank (MPICH's Hydra:
-    "Sending Ctrl-C to processes as requested"), once the job is training (after step 4, slowed down)."""
-    ready = tmp_path / "ready"
+def signal_mpiexec_in_training(job_data, out_dir, signal_number, ready):
+    """Start a 2-rank job, send `signal_number` to mpiexec alone once it trains (after step 4, slowed down),
+    and return (exit status, stderr)."""
     arguments = [MPIEXEC, "-n", "2", sys.executable, JOB, "train", "--slow-from", "0,3", "--ready-file", str(ready),
-                 "--", "--data-dir", str(job_data), "--out-dir", str(tmp_path / "out"), *option_args(OPTIONS)]
+                 "--", "--data-dir", str(job_data), "--out-dir", str(out_dir), *option_args(OPTIONS)]
     process = subprocess.Popen(arguments, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=mpi_environment(), start_new_session=True)
     try:
@@ -620,16 +618,51 @@ def test_ctrl_c_to_mpiexec_reaches_every_rank_and_writes_one_checkpoint(job_data
         while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ready.exists(), process.communicate(timeout=10)
-        process.send_signal(signal.SIGINT)                  # to mpiexec only
-        stdout, stderr = process.communicate(timeout=60)
+        process.send_signal(signal_number)                  # to mpiexec only
+        _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-    assert process.returncode == 130, stderr
+    return process.returncode, stderr
+
+
+@needs_mpi
+def test_ctrl_c_to_mpiexec_reaches_every_rank_and_writes_one_checkpoint(job_data, tmp_path):
+    """Ctrl-C as a user gives it: SIGINT to mpiexec, which passes it on to every rank (MPICH's Hydra:
+    "Sending Ctrl-C to processes as requested"), once the job is training (after step 4, slowed down)."""
+    returncode, stderr = signal_mpiexec_in_training(job_data, tmp_path / "out", signal.SIGINT, tmp_path / "ready")
+    assert returncode == 130, stderr
     assert stderr.count("interrupted: checkpoint written") == 1, stderr        # rank 0 alone says it
     meta, _, _ = load_checkpoint(tmp_path / "out" / "checkpoint.npz")
     assert (meta["epoch"], meta["step_in_epoch"]) == (0, 25)                   # the first loss read after it
+
+
+@needs_mpi
+def test_sigterm_to_mpiexec_stops_every_rank_like_ctrl_c_with_143(job_data, tmp_path):
+    """SIGTERM as a scheduler or `kill` gives it: to mpiexec, which passes it on to every rank as it does
+    SIGINT. The ranks stop at the same loss read, rank 0 writes the checkpoint and says so once, and the
+    job ends with 143 (128 + SIGTERM), the folder's lock released."""
+    returncode, stderr = signal_mpiexec_in_training(job_data, tmp_path / "out", signal.SIGTERM, tmp_path / "ready")
+    assert returncode == 143, stderr
+    assert stderr.count("terminated by SIGTERM: checkpoint written") == 1, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    meta, _, _ = load_checkpoint(tmp_path / "out" / "checkpoint.npz")
+    assert (meta["epoch"], meta["step_in_epoch"]) == (0, 25)
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
+
+
+@needs_mpi
+def test_sigterm_on_one_rank_stops_both_with_143(job_data, tmp_path):
+    """`kill` of rank 1's process alone: both ranks stop at the next loss read and agree on the signal, so
+    rank 0, which got none, also exits with SIGTERM's 143."""
+    result = mpiexec(JOB, "train", "--interrupt-on-rank", 1, "--signal", "TERM", "--at", "0,3", "--",
+                     "--data-dir", job_data, "--out-dir", tmp_path, *option_args(OPTIONS))
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.count("terminated by SIGTERM: checkpoint written") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    meta, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert (meta["epoch"], meta["step_in_epoch"], meta["optimizer_step"]) == (0, 25, 25)
 
 
 @needs_mpi

@@ -323,6 +323,7 @@ def test_gpu_run_commands():
         assert bench[bench.index("--patch-size") + 1] == "4"
     assert commands["train"][1].endswith("train_mnist.py") and commands["train"][-2:] == ["--device", "gpu"]
     assert commands["train"][commands["train"].index("--out-dir") + 1] == str(Path("/work/train"))
+    assert "--overwrite" in commands["train"]            # a rerun replaces the last acceptance run's training
     assert "inference_main('/work/train/checkpoint.npz', '/data', 'cpu', 'gpu')" in commands["inference"][-1]
     mpi = commands["mpi"]
     assert mpi[1:3] == ["-n", "2"] and mpi[3:6] == ["python", "-m", "scratchvit.bench"]

@@ -107,14 +107,14 @@ def test_lines_are_the_mean_loss_of_their_windows(datasets, tmp_path, step_losse
 
 def test_log_every_0_writes_no_step_log_and_removes_an_older_one(datasets, tmp_path):
     (tmp_path / "steps.jsonl").write_text('{"step": 999, "epoch": 9, "loss": 1.0}\n')   # from an earlier run
-    run(config_for(datasets[50], tmp_path, epochs=1, log_every=0), log=quiet)
+    run(config_for(datasets[50], tmp_path, epochs=1, log_every=0, overwrite=True), log=quiet)
     assert not (tmp_path / "steps.jsonl").exists()
     assert (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_fresh_run_starts_a_fresh_step_log(datasets, tmp_path):
     (tmp_path / "steps.jsonl").write_text('{"step": 999, "epoch": 9, "loss": 1.0}\n')
-    run(config_for(datasets[50], tmp_path, epochs=1), log=quiet)
+    run(config_for(datasets[50], tmp_path, epochs=1, overwrite=True), log=quiet)   # without it: refused
     assert steps_of(read_step_log(tmp_path / "steps.jsonl")) == [25, 50]
 
 
