@@ -94,6 +94,29 @@ def test_load_model_state_restores_the_average_and_the_count():
     assert other.updates == 1
 
 
+@pytest.mark.parametrize("damage", ["missing", "wrong shape"])
+def test_a_state_that_cannot_be_loaded_changes_neither_the_weights_nor_the_average(damage):
+    """load_model_state fails half-way (a checkpoint of another model): the trained weights come back,
+    the average and its update count stay as they were, and the error reaches the caller."""
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    average = WeightAverage(optimizer.data, decay=0.9)
+    optimizer.data *= 2.0
+    average.update()
+    weights, averaged = optimizer.data.copy(), average.average.copy()
+    state = {name: value + 1.0 for name, value in small_model(seed=1).state_dict().items()}
+    last = list(state)[-1]                       # the earlier parameters are copied before it fails
+    if damage == "missing":
+        del state[last]
+    else:
+        state[last] = numpy.zeros(state[last].shape + (2,))
+    with pytest.raises((KeyError, ValueError), match=last):
+        average.load_model_state(model, state, updates=7)
+    numpy.testing.assert_array_equal(optimizer.data, weights)
+    numpy.testing.assert_array_equal(average.average, averaged)
+    assert average.updates == 1
+
+
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
 def test_decay_outside_the_open_unit_interval_is_refused(decay):
     with pytest.raises(ValueError, match="decay must be in"):
