@@ -436,11 +436,13 @@ def _numeric_gradient(array, function, upstream, eps):
     for index in numpy.ndindex(*array.shape):
         original = float(array[index])      # a float64 element is exactly a Python float
         plus, minus = original + eps, original - eps
-        array[index] = plus
-        out_plus = function.output()
-        array[index] = minus
-        out_minus = function.output()
-        array[index] = original
+        try:
+            array[index] = plus
+            out_plus = function.output()
+            array[index] = minus
+            out_minus = function.output()
+        finally:                            # an exception (Ctrl-C) must not leave a weight perturbed
+            array[index] = original
         numeric[index] = _pair(upstream, out_plus, out_minus) / (plus - minus)   # the step actually taken
     return numeric
 

@@ -105,7 +105,19 @@ class EvaluationReport:
 
 def evaluation_report(model, images, labels, batch_size=500):
     """The EvaluationReport of `model` on `images` (B, C, H, W) and integer `labels` (B,), on the
-    model's device, in eval mode and `batch_size` images per forward pass; restores the model's mode."""
+    model's device, in eval mode and `batch_size` images per forward pass; restores the model's mode.
+
+    ValueError naming the argument for labels that are not one class number per image (a label array
+    of another length would otherwise broadcast into a confusion matrix of the wrong images)."""
+    count = images.shape[0]
+    labels = to_host(labels)
+    if labels.ndim != 1 or labels.shape[0] != count or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be (B,) integers, one per image (B = {count}), "
+                         f"got shape {labels.shape} of dtype {labels.dtype}")
+    if count == 0:
+        raise ValueError("images must hold at least one image, got 0")
+    if not isinstance(batch_size, (int, numpy.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     was_training = model.training
     model.eval()
     predictions, probabilities = [], []
@@ -118,8 +130,11 @@ def evaluation_report(model, images, labels, batch_size=500):
         model.train(was_training)
     predictions = numpy.concatenate(predictions).astype(numpy.int64)
     probabilities = numpy.concatenate(probabilities)
-    labels = to_host(labels).astype(numpy.int64)
+    labels = labels.astype(numpy.int64)
     classes = probabilities.shape[1]
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"labels must be class numbers 0..{classes - 1} (the model has {classes} outputs), "
+                         f"got values from {labels.min()} to {labels.max()}")
     confusion = numpy.bincount(labels * classes + predictions, minlength=classes * classes).reshape(classes, classes)
     return EvaluationReport(labels=labels, predictions=predictions, probabilities=probabilities, confusion=confusion)
 

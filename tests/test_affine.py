@@ -141,6 +141,28 @@ def test_random_affine_draws_within_its_ranges_and_keeps_dtype():
     assert not numpy.allclose(augmented[0], augmented[1])           # each image its own transform
 
 
+def test_random_affine_scales_the_translation_by_width_along_x_and_height_along_y():
+    """On a wide image (H = 4, W = 12) the range is ±translate · W pixels along the columns and
+    ±translate · H along the rows: the draws recomputed here give the same images bit for bit, and a
+    vertical line moves sideways further than H would allow (a range on swapped axes could not)."""
+    height, width = 4, 12
+    images = numpy.zeros((32, 1, height, width))
+    images[:, :, :, 5] = 1.0                                   # a vertical line: shows the column shift
+    augmented = random_affine(images, host_generator(3), translate=0.5, fill=0.0)
+    uniform = host_generator(3).random((32, 5)) * 2 - 1
+    translations = uniform[:, 3:5] * 0.5 * numpy.array([width, height])       # (tx, ty) pixels
+    identity = numpy.zeros(32)
+    expected = affine_sample(images, inverse_affine_matrices(identity, identity + 1, identity, translations),
+                             fill=0.0)
+    numpy.testing.assert_array_equal(augmented, expected)
+    # where the line is still whole (0 <= 5 + tx <= 11), its column centre of mass is 5 + tx
+    columns = augmented[:, 0].sum(axis=1)                                      # (32, W) per-image column mass
+    line_at = columns @ numpy.arange(width) / numpy.maximum(columns.sum(axis=1), 1e-300)
+    inside = (translations[:, 0] >= -5) & (translations[:, 0] <= 6)
+    numpy.testing.assert_allclose(line_at[inside], 5 + translations[inside, 0], atol=1e-9)
+    assert abs(line_at[inside] - 5).max() > height / 2                         # beyond ±translate · H
+
+
 @pytest.mark.parametrize("option, value", [("rotation", 180), ("scale", 1.0), ("shear", -1), ("translate", 1.5)])
 def test_random_affine_rejects_ranges_that_cannot_work(option, value):
     with pytest.raises(ValueError, match=option):

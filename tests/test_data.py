@@ -405,6 +405,17 @@ def test_normalize_exact_values_shape_and_dtype():
     assert images.dtype == numpy.uint8 and images[0, 0, 1] == 255   # input untouched
 
 
+def test_normalize_keeps_rows_and_columns_of_a_non_square_batch():
+    """(N, H, W) = (2, 2, 3): every pixel lands at [n, 0, row, column], with its exact value; a square
+    image could not tell rows from columns."""
+    images = numpy.arange(12, dtype=numpy.uint8).reshape(2, 2, 3) * 20       # pixel n*6 + row*3 + column, x20
+    normalized = normalize(images, "cpu", dtype="float64")
+    assert normalized.shape == (2, 1, 2, 3)
+    for n, row, column in numpy.ndindex(2, 2, 3):
+        pixel = 20 * (n * 6 + row * 3 + column)
+        assert normalized[n, 0, row, column] == (pixel / 255 - MNIST_MEAN) / MNIST_STD
+
+
 # ---------------------------------------------------------------------------------------------
 # shift_images / random_shift
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +464,24 @@ def test_random_shift_zero_is_identity_and_fill_can_be_overridden():
     shifted = random_shift(images, 4, numpy.random.default_rng(0), fill=0.0)
     shifts = numpy.random.default_rng(0).integers(-4, 5, size=(3, 2))
     numpy.testing.assert_array_equal(shifted, shift_reference(images, shifts, 0.0))
+
+
+@pytest.mark.parametrize("max_shift", [-1, 1.5, -0.5])
+def test_random_shift_refuses_a_range_that_is_not_a_whole_number_of_pixels(max_shift):
+    images = numpy.zeros((2, 1, 4, 4), dtype=numpy.float32)
+    with pytest.raises(ValueError, match=rf"max_shift must be a non-negative integer, got {max_shift}"):
+        random_shift(images, max_shift, numpy.random.default_rng(0))
+
+
+def test_random_shift_draws_up_to_and_including_max_shift():
+    """The accepted boundary: shifts of exactly ±max_shift occur (the range is inclusive), never more;
+    a whole-number float such as 1.0 is a shift of 1."""
+    images = numpy.random.default_rng(7).standard_normal((64, 1, 5, 4))
+    for max_shift in (1, 1.0):
+        shifted = random_shift(images, max_shift, numpy.random.default_rng(8), fill=0.0)
+        shifts = numpy.random.default_rng(8).integers(-1, 2, size=(64, 2))
+        assert shifts.min() == -1 and shifts.max() == 1                      # both ends drawn
+        numpy.testing.assert_array_equal(shifted, shift_reference(images, shifts, 0.0))
 
 
 @pytest.mark.gpu

@@ -351,6 +351,95 @@ def test_check_same_names_what_differs():
     MpiCommunicator(FakeComm(), FakeMPI).check_same("starting weights", numpy.arange(3.0))     # alike: silent
 
 
+class ChecksumRecorder(MpiCommunicator):
+    """The real check_same on a FakeComm, remembering {what: the checksum this rank sent} (the value
+    of its MIN Allreduce; alike on every rank, so nothing is refused)."""
+
+    def __init__(self):
+        super().__init__(FakeComm(), FakeMPI)
+        self.checksums = {}
+
+    def check_same(self, what, *arrays, hint=None):
+        super().check_same(what, *arrays, hint=hint)
+        (_, _, op, sent), _ = self.comm.calls[-2:]
+        assert op == "MIN"
+        self.checksums[what] = int(sent[0])
+
+
+def test_the_checksum_covers_every_byte_of_every_array():
+    """Each of the arrays (and bytes) given to check_same, changed alone, in its first or its last
+    element, changes the checksum: a checksum of the last array only, or of a part, would not."""
+    rng = numpy.random.default_rng(0)
+    things = [rng.standard_normal((3, 4)).astype(numpy.float32), rng.standard_normal(5),
+              numpy.arange(6, dtype=numpy.int64).reshape(2, 3)[:, ::2],          # not contiguous
+              b"options", numpy.array([7])]
+
+    def checksum(items):
+        recorder = ChecksumRecorder()
+        recorder.check_same("things", *items)
+        return recorder.checksums["things"]
+
+    base = checksum(things)
+    assert checksum([bytes(thing) if isinstance(thing, bytes) else thing.copy() for thing in things]) == base
+    for index, thing in enumerate(things):
+        for position in (0, -1):
+            changed = list(things)
+            if isinstance(thing, bytes):
+                changed[index] = b"O" + thing[1:] if position == 0 else thing[:-1] + b"S"
+            else:
+                changed[index] = numpy.ascontiguousarray(thing)
+                changed[index].reshape(-1)[position] += 1
+            assert checksum(changed) != base, (index, position)
+
+
+def test_the_ranks_check_every_option_the_data_and_the_whole_optimiser_state(tmp_path):
+    """train.describe_ranks, the check before training under MPI: each thing every rank must share,
+    changed alone, changes the checksum of the check that covers it, and only that one."""
+    from scratchvit.backend import get_backend
+    config = TrainConfig(data_dir=str(write_dataset(tmp_path / "data", train_count=32, test_count=8)),
+                         out_dir=str(tmp_path / "run"), epochs=1, batch_size=16, threads=1, **TINY_MODEL)
+    data = train.load_data(config, get_backend("cpu"))
+    model = train.build_model(config, data)
+    optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=1e-3, weight_decay=config.weight_decay)
+    step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), threads=1)
+    step(data["train_images"][:16], data["train_labels"][:16])      # moments and step count not at their start
+
+    def checksums():
+        recorder = ChecksumRecorder()
+        train.describe_ranks(config, data, optimizer, step, recorder, log=lambda message: None)
+        return recorder.checksums
+
+    base = checksums()
+    assert sorted(base) == ["options", "starting weights and optimiser state", "training data"]
+
+    def assert_changes(what, target, name, value):
+        """Set target.name (an attribute) or target[name] (an element) to value, compare, put it back."""
+        is_array = isinstance(target, numpy.ndarray)
+        saved = target[name].copy() if is_array else getattr(target, name)
+        if is_array:
+            target[name] = value
+        else:
+            setattr(target, name, value)
+        try:
+            after = checksums()
+        finally:
+            if is_array:
+                target[name] = saved
+            else:
+                setattr(target, name, saved)
+        assert after[what] != base[what], (what, name)
+        assert {key: after[key] for key in base if key != what} == {key: base[key] for key in base if key != what}
+
+    assert_changes("options", config, "seed", 1)
+    assert_changes("options", config, "rotation", 5.0)
+    assert_changes("training data", data["train_images"], (-1, 0, -1, -1), 9.0)
+    assert_changes("training data", data["train_labels"], 0, (int(data["train_labels"][0]) + 1) % 4)
+    for moment in (optimizer.data, optimizer.exp_avg, optimizer.exp_avg_sq):
+        assert_changes("starting weights and optimiser state", moment, -1, 0.5)
+    assert_changes("starting weights and optimiser state", optimizer, "step_count", 2)
+    assert checksums() == base                                       # everything put back
+
+
 def test_one_process_fails_by_returning_the_status(capsys):
     assert SingleProcess().fail("error: bad option", 2) == 2
     assert capsys.readouterr().err == "error: bad option\n"

@@ -335,6 +335,44 @@ def test_restores_parameters_inputs_and_grads(backend):
         np.testing.assert_array_equal(to_host(parameter.grad), index + 0.5)
 
 
+class InterruptedLinear(Linear):
+    """A Linear whose forward raises KeyboardInterrupt at call `at`: Ctrl-C in the middle of the
+    central differences, while one weight is perturbed by ±eps."""
+
+    def __init__(self, *args, at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.at = 0, at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().forward(x)
+
+
+# a (4, 3) input and Linear(3, 2): 2 forwards of set-up, then two per element: the 12 input elements
+# (calls 3-26), the 6 weights (27-38), the 2 biases (39-42)
+@pytest.mark.parametrize("at", [3, 27, 28, 40], ids=["input", "weight+eps", "weight-eps", "bias+eps"])
+def test_an_exception_in_the_middle_of_the_check_leaves_every_value_as_it_was(backend, at):
+    """check_layer interrupted inside its central differences, an element perturbed by +eps or -eps:
+    that element is put back (the layer's weights bit for bit), the input untouched, the gradients
+    restored, and the exception reaches the caller."""
+    layer = on_backend(backend, InterruptedLinear(3, 2, dtype="float64", at=at), seed=1)
+    x = random_array(backend, (4, 3))
+    x_before = to_host(x).copy()
+    data_before = {name: to_host(p.data).copy() for name, p in layer.named_parameters()}
+    for index, parameter in enumerate(layer.parameters()):
+        parameter.grad[...] = index + 0.5
+    with pytest.raises(KeyboardInterrupt):
+        check_layer(layer, x, eps=EPS, atol=ATOL, rtol=RTOL)
+    assert layer.calls == at
+    np.testing.assert_array_equal(to_host(x), x_before)
+    for name, parameter in layer.named_parameters():
+        np.testing.assert_array_equal(to_host(parameter.data), data_before[name], err_msg=name)
+    for index, parameter in enumerate(layer.parameters()):
+        np.testing.assert_array_equal(to_host(parameter.grad), index + 0.5)
+
+
 def test_holds_dropout_mask_during_check_and_releases_it(backend):
     layer = Dropout(0.5, seed=0)                                    # mask not fixed by the caller
     check(layer, random_array(backend, (3, 4)))

@@ -91,6 +91,25 @@ def test_numpy_integer_sizes_are_accepted_as_ints():
     assert type(model.config["depth"]) is int and len(model.blocks) == TINY["depth"]
 
 
+@pytest.mark.parametrize("patch_size, grid", [(4, 1), (1, 4)])
+def test_the_accepted_boundaries_of_the_sizes(backend, patch_size, grid):
+    """Every size at its smallest accepted value (1: one class, one block, a head of dimension 1, an
+    MLP of width 1), a patch as large as the image (one patch) or of one pixel: a forward and backward
+    with the shapes of a grid x grid patch layout, every parameter getting a finite gradient."""
+    model = ViT(image_size=4, patch_size=patch_size, num_classes=1, dim=2, depth=1, heads=2, mlp_dim=1, channels=1,
+                dtype="float64").to(backend.name)
+    assert model.pos_embedding.data.shape == (1, grid * grid + 1, 2)
+    assert model.patch_embed.weight.data.shape == (patch_size * patch_size, 2)
+    images = backend.asarray(numpy.random.default_rng(0).standard_normal((3, 1, 4, 4)))
+    logits = model.forward(images)
+    assert logits.shape == (3, 1)
+    assert model.blocks[0].attn.attn.shape == (3, 2, grid * grid + 1, grid * grid + 1)      # (B, H, T, T)
+    model.zero_grad()
+    model.backward(backend.asarray(numpy.random.default_rng(1).standard_normal((3, 1))))
+    for name, parameter in model.named_parameters():
+        assert numpy.isfinite(to_host(parameter.grad)).all(), name
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan")])
 @pytest.mark.parametrize("name", ["dropout", "emb_dropout"])
 def test_dropout_outside_unit_interval_raises_naming_it(name, value):

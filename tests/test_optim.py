@@ -224,6 +224,21 @@ def test_bad_arguments_raise(backend, kwargs, word):
         AdamW(make_parameters(backend), **arguments)
 
 
+def test_the_accepted_boundaries_of_the_arguments(backend):
+    """lr 0 (where a schedule ends), betas (0, 0) and weight_decay 0 are accepted, and a step with lr 0
+    leaves the weights exactly as they were; a schedule may hold a rate of 0."""
+    parameters = make_parameters(backend)
+    before = flat_host([p.data for p in parameters])
+    optimizer = AdamW(parameters, lr=0.0, betas=(0.0, 0.0), eps=1e-300, weight_decay=0.0)
+    set_gradients(parameters, [numpy.ones(shape) for shape in SHAPES], backend)
+    optimizer.step()
+    numpy.testing.assert_array_equal(flat_host([p.data for p in parameters]), before)
+    optimizer.set_schedule([0.1, 0.0])
+    optimizer.step()
+    optimizer.step()
+    assert optimizer.lr == 0.0
+
+
 @pytest.mark.parametrize("params", [[], [{"params": []}], [{"params": []}, {"params": []}]])
 def test_empty_params_raise(params):
     with pytest.raises(ValueError):

@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import scratchvit.plots  # noqa: E402
 
 from scratchvit import ViT  # noqa: E402
-from scratchvit.attention_maps import inspect  # noqa: E402
+from scratchvit.attention_maps import attention_rollout, inspect  # noqa: E402
 from scratchvit.plots import (attention_heads_figure, confusion_figure, curves_figure, epoch_ends,  # noqa: E402
-                              log_window, mistakes_figure, write_evaluation_plots, write_plots)
+                              log_window, mistakes_figure, rollout_figure, write_evaluation_plots, write_plots)
 from scratchvit.report import evaluation_report  # noqa: E402
 from scratchvit.train import TrainConfig, read_step_log, run  # noqa: E402
 from test_report import LABELS, LogitsModel, chosen_logits, index_images  # noqa: E402
@@ -119,6 +119,24 @@ def test_attention_heads_shows_every_layer_and_head_of_each_image_in_its_place()
         assert [axes[0, head + 1].get_title() for head in range(2)] == ["head 1", "head 2"]
 
 
+def test_the_rollout_figure_shows_each_image_in_its_cell_with_its_classes_when_the_rows_are_not_full():
+    """10 images on rows of 8: two rows, the last one with 2 images and 6 empty cells; each shown cell
+    holds its own image, its rollout map and its true and predicted class, red where they differ."""
+    model = ViT(image_size=IMAGE_SIZE, num_classes=4, seed=2, **TINY_MODEL)
+    images = numpy.random.default_rng(1).standard_normal((10, 1, IMAGE_SIZE, IMAGE_SIZE)).astype(numpy.float32)
+    maps, predictions = attention_rollout(model, images)
+    labels = numpy.where(numpy.arange(10) % 3 == 0, (predictions + 1) % 4, predictions)   # images 0, 3, 6, 9 wrong
+    figure = rollout_figure(model, images, labels)
+    cells = [axes for axes in figure.axes if axes.images]
+    assert len(figure.axes) == 16 and len(cells) == 10
+    assert not any(axes.axison for axes in figure.axes[10:])                  # the empty cells are blank
+    for index, axes in enumerate(cells):
+        numpy.testing.assert_array_equal(axes.images[0].get_array(), images[index, 0])
+        numpy.testing.assert_array_equal(axes.images[1].get_array(), maps[index])
+        assert axes.get_title() == f"true {labels[index]}, pred {predictions[index]}"
+        assert axes.title.get_color() == ("red" if index % 3 == 0 else "black")
+
+
 # ------------------------------------------------------------------------------------------------
 # confusion.png and misclassified.png
 
@@ -148,6 +166,20 @@ def test_the_mistakes_figure_shows_the_most_confident_mistakes_first():
     assert [axes.get_title().splitlines()[0] for axes in shown] == ["true 2 → 0", "true 2 → 3"]
     assert [axes.get_title().splitlines()[1] for axes in shown] == ["95.0%  (#6)", "70.0%  (#8)"]
     assert [axes.images[0].get_array()[0, 0] for axes in shown] == [6, 8]  # the right images
+
+
+@pytest.mark.parametrize("count", [8, 9])
+def test_the_mistakes_figure_keeps_every_mistake_when_a_row_is_not_full(count):
+    """9 mistakes on rows of 8 make two rows (8 make one): none is dropped, each in confidence order."""
+    labels = numpy.zeros(12, dtype=numpy.int64)
+    predicted = numpy.where(numpy.arange(12) < count, 1, 0)
+    confidence = numpy.linspace(0.9, 0.5, 12)                            # image 0 the most confident
+    report = evaluation_report(LogitsModel(chosen_logits(predicted, confidence)), index_images(12), labels)
+    figure = mistakes_figure(report, index_images(12) * numpy.ones((1, 1, 4, 4)), count=24)
+    shown = [axes for axes in figure.axes if axes.images]
+    assert len(figure.axes) == 8 * (-(-count // 8)) and len(shown) == count
+    assert [axes.images[0].get_array()[0, 0] for axes in shown] == list(range(count))
+    assert [axes.get_title().split("#")[1] for axes in shown] == [f"{index})" for index in range(count)]
 
 
 def test_a_model_without_mistakes_still_gets_a_misclassified_png(tmp_path):

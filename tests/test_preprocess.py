@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from scratchvit.data import normalize
-from scratchvit.preprocess import (CANVAS_SIZE, CENTRE, PILLOW_HINT, BlankImage, ImageError, load_grayscale,
-                                   load_mnist_style, mnist_style, to_model_input)
+from scratchvit.preprocess import (CANVAS_SIZE, CENTRE, FULL_INK, MIN_INK_CONTRAST, PILLOW_HINT, BlankImage,
+                                   ImageError, load_grayscale, load_mnist_style, mnist_style, to_model_input)
 
 HAS_PILLOW = importlib.util.find_spec("PIL") is not None
 pytestmark = pytest.mark.skipif(not HAS_PILLOW, reason='Pillow is not installed (pip install Pillow, or the '
@@ -165,6 +165,21 @@ def test_an_mnist_format_image_comes_out_unchanged():
         prepared = mnist_style(image)
         assert prepared.dtype == numpy.float32 and prepared.shape == (CANVAS_SIZE, CANVAS_SIZE)
         numpy.testing.assert_array_equal(prepared, image)
+
+
+@pytest.mark.parametrize("brightest", [254, 253])
+def test_ink_that_reaches_254_is_kept_and_fainter_ink_is_stretched_to_255(brightest):
+    """FULL_INK: MNIST's strokes reach 254 or 255, so an MNIST image whose brightest pixel is 254 comes
+    out unchanged; at 253 the ink is stretched so the brightest is 255 (step 7)."""
+    for image in all_digits()[:4]:
+        fainter = numpy.rint(image * (brightest / 255)).astype(numpy.uint8)
+        assert fainter.max() == brightest
+        prepared = mnist_style(fainter)
+        if brightest >= FULL_INK:
+            numpy.testing.assert_array_equal(prepared, fainter)
+        else:
+            numpy.testing.assert_array_equal(prepared, numpy.rint(fainter * (255 / brightest)))
+            assert prepared.max() == 255
 
 
 def test_a_png_of_an_mnist_format_image_comes_out_unchanged(tmp_path):
@@ -341,6 +356,20 @@ def test_a_digit_on_a_noisy_background_comes_out_close_to_the_clean_one():
     assert numpy.abs(prepared - clean).mean() < 8
 
 
+@pytest.mark.parametrize("strength", [31, 32])
+def test_a_stroke_of_exactly_the_minimum_contrast_is_ink_and_one_level_less_is_blank(strength):
+    """MIN_INK_CONTRAST (32 grey levels) is the accepted boundary: a clean stroke that strong becomes a
+    full-strength digit, one grey level fainter is a blank page."""
+    stroke = on_canvas(numpy.full((20, 5), strength, numpy.uint8), (60, 60), 20, 30)
+    if strength < MIN_INK_CONTRAST:
+        with pytest.raises(BlankImage) as error:
+            mnist_style(stroke)
+        assert_one_line(error, "blank", "needs 32")
+    else:
+        prepared = mnist_style(stroke)
+        assert extent(prepared) == (BOX, 5) and prepared.max() == 255
+
+
 def test_faint_specks_do_not_count_as_ink_but_a_real_mark_does():
     image = on_canvas(enlarged(digit(1), 100), (240, 240), 20, 20)
     clean = mnist_style(image)
@@ -369,6 +398,19 @@ def test_pixels_that_are_not_grey_levels_are_a_one_line_error_naming_the_argumen
         mnist_style(pixels)
     assert not isinstance(error.value, ImageError)
     assert_one_line(error, "pixels", fragment)
+
+
+def test_float_pixels_up_to_exactly_one_are_refused_as_a_0_to_1_image_and_above_one_are_grey_levels():
+    """The 0..1 check's boundary: a float image whose brightest pixel is 1.0 is a 0..1 image (its ink
+    would be under one grey level); one reaching 1.5 is read as grey levels, here too faint: blank."""
+    image = digit(0).astype(numpy.float64)
+    with pytest.raises(ValueError) as error:
+        mnist_style(image / 255)                                         # brightest exactly 1.0
+    assert not isinstance(error.value, ImageError)
+    assert_one_line(error, "pixels", "0..1", "multiply it by 255")
+    with pytest.raises(BlankImage):
+        mnist_style(image * (1.5 / 255))                                 # grey levels 0..1.5: no ink, not a 0..1 image
+    numpy.testing.assert_array_equal(mnist_style(image), digit(0))        # 0..255 floats: the digit itself
 
 
 def test_any_numeric_dtype_gives_the_same_digit():

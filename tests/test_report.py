@@ -15,7 +15,8 @@ import pytest
 from scratchvit import ViT
 from scratchvit.backend import to_host
 from scratchvit.layers.softmax import softmax_simple
-from scratchvit.report import EvaluationReport, evaluation_report, json_text, write_report_json
+from scratchvit.report import (MISTAKES_IN_JSON, EvaluationReport, evaluation_report, json_text,
+                               write_report_json)
 from scratchvit.train import TrainConfig, evaluate, evaluate_checkpoint, report_checkpoint
 from test_train import (CLASSES, HAS_MATPLOTLIB, IMAGE_SIZE, TINY_MODEL, TINY_MODEL_ARGS, assert_one_line_error,
                         cli, quiet, read_metrics, write_dataset)
@@ -94,6 +95,80 @@ def test_mistakes_are_the_wrong_predictions_most_confident_first():
     # the wrong ones: image 1 (0 -> 1, 0.6), 6 (2 -> 0, 0.95), 8 (2 -> 3, 0.7)
     assert report.mistakes().tolist() == [6, 8, 1]
     assert report.mistakes(2).tolist() == [6, 8]
+
+
+class FailingModel(LogitsModel):
+    """Raises in its `fail_at`-th forward pass (counted from 1): out of memory half-way through the set."""
+
+    def __init__(self, logits, fail_at):
+        super().__init__(logits)
+        self.fail_at = fail_at
+
+    def forward(self, images):
+        if len(self.batches) + 1 == self.fail_at:
+            raise MemoryError("out of memory in batch 2")
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_model_comes_back_in_its_own_mode_even_when_a_batch_fails(training):
+    """A model in training mode goes back to training, one in eval mode stays in eval mode, and an
+    exception in the middle of the set restores the mode too (a model left in eval mode would train on
+    without dropout)."""
+    model = LogitsModel(chosen_logits())
+    model.train(training)
+    evaluation_report(model, index_images(len(LABELS)), LABELS, batch_size=4)
+    assert model.modes == [False] * 3 and model.training is training
+    failing = FailingModel(chosen_logits(), fail_at=2)
+    failing.train(training)
+    with pytest.raises(MemoryError):
+        evaluation_report(failing, index_images(len(LABELS)), LABELS, batch_size=4)
+    assert failing.modes == [False] and failing.training is training
+
+
+@pytest.mark.parametrize("wrong", [20, 21])
+def test_the_json_file_lists_at_most_the_20_most_confident_mistakes(tmp_path, wrong):
+    """MISTAKES_IN_JSON: 20 mistakes are all listed; of 21 the least confident is left out."""
+    count = 25
+    labels = numpy.zeros(count, dtype=numpy.int64)
+    predicted = numpy.where(numpy.arange(count) < wrong, 1, 0)              # the first `wrong` images are wrong
+    confidence = numpy.linspace(0.9, 0.4, count)                             # image 0 the most confident
+    report = evaluation_report(LogitsModel(chosen_logits(predicted, confidence)), index_images(count), labels)
+    assert len(report.mistakes()) == wrong
+    write_report_json(tmp_path / "evaluation.json", report)
+    listed = json.loads((tmp_path / "evaluation.json").read_text())["most_confident_mistakes"]
+    assert [mistake["index"] for mistake in listed] == list(range(min(wrong, MISTAKES_IN_JSON)))
+
+
+@pytest.mark.parametrize("labels, batch_size, fragment", [
+    (LABELS[:1], 500, r"labels must be \(B,\) integers, one per image \(B = 11\), got shape \(1,\)"),
+    (LABELS[:10], 500, r"labels must be \(B,\) .*got shape \(10,\)"),
+    (LABELS[:, None], 500, r"labels must be \(B,\) .*got shape \(11, 1\)"),
+    (LABELS + 0.5, 500, r"labels must be \(B,\) integers.*float64"),
+    (numpy.where(LABELS == 1, 4, LABELS), 500, r"labels must be class numbers 0..3 \(the model has 4 outputs\), "
+                                               r"got values from 0 to 4"),
+    (LABELS - 1, 500, r"labels must be class numbers 0..3.*from -1 to 1"),
+    (LABELS, 0, "batch_size must be a positive integer, got 0"),
+    (LABELS, 2.5, "batch_size must be a positive integer, got 2.5"),
+], ids=["one-label", "one-short", "column", "floats", "class-4-of-4", "negative", "batch-0", "batch-float"])
+def test_labels_that_are_not_one_class_per_image_are_a_one_line_error(labels, batch_size, fragment):
+    """One label for eleven images used to broadcast into a report of accuracy 4.0; a label beyond the
+    model's classes failed deep in a reshape."""
+    with pytest.raises(ValueError, match=fragment) as error:
+        evaluation_report(LogitsModel(chosen_logits()), index_images(len(LABELS)), labels, batch_size=batch_size)
+    assert "\n" not in str(error.value)
+
+
+def test_the_accepted_boundaries_of_labels_and_batch_size():
+    """Labels 0 and K - 1 (here 3, the last class, absent from LABELS) and a batch of one image are fine;
+    an empty set is refused."""
+    labels = LABELS.copy()
+    labels[[0, -1]] = [3, 0]
+    report = evaluation_report(LogitsModel(chosen_logits()), index_images(len(LABELS)), labels.astype(numpy.uint8),
+                               batch_size=1)
+    assert report.class_images[3] == 1 and report.confusion.sum() == len(LABELS)
+    with pytest.raises(ValueError, match="images must hold at least one image, got 0"):
+        evaluation_report(LogitsModel(chosen_logits()), index_images(0), LABELS[:0])
 
 
 def test_the_report_of_a_vit_agrees_with_evaluate(backend):

@@ -7,7 +7,7 @@ from scratchvit.backend import can_limit_blas_threads
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
 from scratchvit.train import parameter_groups
-from scratchvit.train_step import TrainStep
+from scratchvit.train_step import MIN_IMAGES_PER_THREAD, TrainStep
 
 needs_thread_limit = pytest.mark.skipif(not can_limit_blas_threads(),
                                         reason="this NumPy's BLAS cannot limit threads per thread: no threaded step")
@@ -58,6 +58,25 @@ def test_small_batches_and_one_thread_take_the_plain_path():
     _, step, images, labels = make_step(2, batch=8)     # too few images to split: one chunk
     loss = step(images, labels)
     assert numpy.isfinite(float(loss))
+
+
+@needs_thread_limit
+@pytest.mark.parametrize("threads, batch, chunks", [(2, 31, 1), (2, 32, 2), (3, 47, 2), (3, 48, 3)])
+def test_a_batch_is_split_into_chunks_of_at_least_min_images_per_thread(threads, batch, chunks):
+    """Both sides of MIN_IMAGES_PER_THREAD (16): 31 images stay in one chunk, 32 make two; with three
+    threads 47 make two, 48 three. The replicas that ran a chunk hold a gradient, the others none, and
+    the update is the plain step's whichever way the batch was cut."""
+    assert MIN_IMAGES_PER_THREAD == 16
+    plain_model, plain_step, images, labels = make_step(1, batch=batch)
+    model, step, _, _ = make_step(threads, batch=batch)
+    plain_step(images, labels)
+    step(images, labels)
+    replicas = step.models()[1:]
+    assert len(replicas) == threads - 1
+    used = [any(numpy.any(parameter.grad != 0) for parameter in replica.parameters()) for replica in replicas]
+    assert used == [True] * (chunks - 1) + [False] * (threads - chunks)
+    for (name, plain), (_, threaded) in zip(plain_model.named_parameters(), model.named_parameters()):
+        numpy.testing.assert_allclose(threaded.data, plain.data, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def test_threads_must_be_positive():

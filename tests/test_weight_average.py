@@ -59,6 +59,25 @@ def test_in_place_of_weights_swaps_the_average_in_and_the_weights_back():
         numpy.testing.assert_array_equal(value, trained[name])
 
 
+def test_an_exception_inside_the_block_restores_the_trained_weights_and_propagates():
+    """An evaluation that fails (out of memory, Ctrl-C) must not leave the average in place of the
+    trained weights: training would go on from the average, and the checkpoint would save it as them."""
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    average = WeightAverage(optimizer.data, decay=0.9)
+    optimizer.data += 1.0                                   # the trained weights differ from the average
+    trained = {name: value.copy() for name, value in model.state_dict().items()}
+    averaged = average.average.copy()
+    for error in (MemoryError("out of memory in evaluation"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with average.in_place_of_weights():
+                numpy.testing.assert_array_equal(optimizer.data, average.average)
+                raise error
+        for name, value in model.state_dict().items():          # the model's views of the buffer
+            numpy.testing.assert_array_equal(value, trained[name], err_msg=name)
+    numpy.testing.assert_array_equal(average.average, averaged)            # and the average is untouched
+
+
 def test_load_model_state_restores_the_average_and_the_count():
     model = small_model()
     optimizer = AdamW(model.parameters(), lr=1e-3)
@@ -73,6 +92,29 @@ def test_load_model_state_restores_the_average_and_the_count():
     numpy.testing.assert_array_equal(other.average, average.average)
     numpy.testing.assert_array_equal(other.weights, weights_before)     # the trained weights are untouched
     assert other.updates == 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong shape"])
+def test_a_state_that_cannot_be_loaded_changes_neither_the_weights_nor_the_average(damage):
+    """load_model_state fails half-way (a checkpoint of another model): the trained weights come back,
+    the average and its update count stay as they were, and the error reaches the caller."""
+    model = small_model()
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    average = WeightAverage(optimizer.data, decay=0.9)
+    optimizer.data *= 2.0
+    average.update()
+    weights, averaged = optimizer.data.copy(), average.average.copy()
+    state = {name: value + 1.0 for name, value in small_model(seed=1).state_dict().items()}
+    last = list(state)[-1]                       # the earlier parameters are copied before it fails
+    if damage == "missing":
+        del state[last]
+    else:
+        state[last] = numpy.zeros(state[last].shape + (2,))
+    with pytest.raises((KeyError, ValueError), match=last):
+        average.load_model_state(model, state, updates=7)
+    numpy.testing.assert_array_equal(optimizer.data, weights)
+    numpy.testing.assert_array_equal(average.average, averaged)
+    assert average.updates == 1
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
@@ -108,6 +150,36 @@ def test_a_run_with_ema_saves_the_average_and_evaluation_uses_it(tmp_path):
     model = build_model(config, data)
     model.load_state_dict(averaged)
     assert evaluate(model, data["test_images"], data["test_labels"]) == history[-1]["test_accuracy"]
+
+
+def test_in_training_the_average_takes_each_step_s_new_weights(tmp_path, monkeypatch):
+    """run() with the average on, three steps: after step t the average is exactly
+    average_{t-1} + (1 - d_t) (theta_t - average_{t-1}), theta_t the weights after that step's optimiser
+    update and average_0 the initial weights, computed here by hand. An average updated before the
+    optimiser step would hold theta_{t-1} instead: one step behind."""
+    from scratchvit import train
+    averages = []
+
+    class Recorded(WeightAverage):               # the real class, only remembered, so the test can read it
+        def __init__(self, weights, decay):
+            super().__init__(weights, decay)
+            averages.append(self)
+            self.initial = weights.copy()
+
+    seen = []                                    # (weights, average) after every step, as on_step sees them
+
+    def on_step(epoch, step):
+        seen.append((averages[0].weights.copy(), averages[0].average.copy()))
+
+    monkeypatch.setattr(train, "WeightAverage", Recorded)
+    run(tiny_config(tmp_path, epochs=1, ema_decay=0.5), log=lambda message: None, on_step=on_step)
+    assert len(averages) == 1 and len(seen) == 48 // 16
+    expected = averages[0].initial
+    for t, (weights, average) in enumerate(seen, start=1):
+        decay = min(0.5, (1 + t) / (10 + t))
+        expected = expected + (1 - decay) * (weights - expected)
+        assert not numpy.array_equal(weights, seen[t - 2][0] if t > 1 else averages[0].initial)   # it trained
+        numpy.testing.assert_array_equal(average, expected, err_msg=f"step {t}")
 
 
 def test_a_checkpoint_without_ema_gives_its_trained_weights_when_asked_for_the_average(tmp_path):
