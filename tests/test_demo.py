@@ -315,8 +315,8 @@ def test_a_huge_announced_body_is_refused_unread(server):
     """A Content-Length of 1 TB, with no body sent: answered at once, not waited for."""
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=30) as connection:
-        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\nContent-Type: application/json\r\n"
-                           "Content-Length: 1000000000000\r\n\r\n".encode())
+        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n".encode())
         answer = connection.makefile("rb").read()       # the client keeps its side open: no EOF to wait for
     assert answer.startswith(b"HTTP/1.0 413") and b'"error"' in answer
     assert_still_serving(server)
@@ -872,7 +872,7 @@ def test_the_listen_backlog_is_deeper_than_the_default(server):
 
 
 @pytest.mark.parametrize("option, value", [("workers", 0), ("workers", 1.5), ("deadline_s", 0),
-                                           ("deadline_s", float("inf"))])
+                                           ("deadline_s", float("inf")), ("deadline_s", "10")])
 def test_bad_pool_options_are_refused_by_name(demo, option, value):
     with pytest.raises(ValueError, match=option):
         make_server(demo, "127.0.0.1", 0, **{option: value})

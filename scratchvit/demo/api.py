@@ -115,9 +115,8 @@ class ModelThread:
 
     The thread is a daemon: a forward pass in progress never keeps the process alive after Ctrl-C."""
 
-    def __init__(self, name="scratchvit-demo-model", on_start=None):
+    def __init__(self, name="scratchvit-demo-model"):
         self._jobs = queue.SimpleQueue()
-        self._on_start = on_start
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -129,7 +128,7 @@ class ModelThread:
         done, _ = concurrent.futures.wait([future], timeout=timeout_s)
         if not done:
             future.cancel()
-            raise ModelBusy(f"the model did not answer within {timeout_s} s")
+            raise ModelBusy(f"the model did not answer within {timeout_s:g} s (busy with other drawings); try again")
         return future.result()
 
     def close(self, timeout_s=CLOSE_WAIT_S):
@@ -138,8 +137,6 @@ class ModelThread:
         self._thread.join(timeout=timeout_s)
 
     def _serve(self):
-        if self._on_start is not None:
-            self._on_start()
         while True:
             job = self._jobs.get()
             if job is None:
@@ -160,7 +157,8 @@ class Demo:
 
     Preprocessing and JSON work stay on the caller's thread; only the forward pass and what it
     touches on the device (the upload of the drawing, the copy of the answer back) go to the model
-    thread. `wait_s` bounds how long a request waits for it (RequestError 503 after that)."""
+    thread. `wait_s` bounds how long a request waits for it (RequestError 503 after that). One Demo
+    per model: two Demos would run the same model on two threads."""
 
     def __init__(self, model, *, wait_s=INFERENCE_WAIT_S):
         self.model = model
@@ -170,9 +168,7 @@ class Demo:
         self.num_heads = config["heads"]
         self.grid = config["image_size"] // config["patch_size"]
         self.classes = [str(k) for k in range(config["num_classes"])]
-        weights = model.cls_token.data
-        # the model thread works on the device that holds the weights (a CUDA device is current per thread)
-        self.model_thread = ModelThread(on_start=weights.device.use if is_gpu_array(weights) else None)
+        self.model_thread = ModelThread()
         # One drawing through everything now, so that what is missing (Pillow, which the
         # preprocessing imports only when it resamples) stops the start with its ImportError
         # instead of failing every request, and the first drawing answers as fast as the rest.
@@ -194,8 +190,11 @@ class Demo:
 
     def _inspect(self, prepared):
         """On the model thread: (28, 28) preprocessed drawing -> attention_maps.inspect's host arrays."""
+        weights = self.model.cls_token.data
+        if is_gpu_array(weights):
+            weights.device.use()      # the CUDA device is current per thread: the weights' one, on this thread
         images = to_model_input(prepared[None])                                           # (1, 1, 28, 28)
-        images = backend_of(self.model.cls_token.data).asarray(images)                    # onto the model's device
+        images = backend_of(weights).asarray(images)                                      # onto the model's device
         return inspect(self.model, images)
 
     def predict(self, pixels, layer=None):
@@ -208,7 +207,7 @@ class Demo:
         try:
             seen = self.model_thread.run(lambda: self._inspect(prepared), self.wait_s)
         except ModelBusy as error:
-            raise RequestError(f"the model is busy: {error}; try again", 503) from None
+            raise RequestError(str(error), 503) from None
         probabilities = seen["probabilities"][0]
         return dict(self.info(), blank=False,
                     probabilities=_rounded(probabilities),

@@ -354,7 +354,8 @@ class DemoServer(HTTPServer):
                  deadline_s=REQUEST_DEADLINE_S):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        if not 0 < deadline_s < float("inf"):
+        if (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                or not 0 < deadline_s < float("inf")):
             raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
         self.demo = demo
         self._log = log or _log_to_stderr
