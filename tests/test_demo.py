@@ -845,7 +845,10 @@ def test_excess_connections_wait_unaccepted_in_the_listen_queue(demo):
         host, port = server.server_address[:2]
         silent = [socket.create_connection((host, port), timeout=60) for _ in range(4)]
         try:
-            time.sleep(0.3)           # time for a server without the limit to accept them all
+            deadline = time.monotonic() + 30
+            while len(accepted) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)           # time for a server without the limit to accept the other two as well
             assert len(accepted) == 2, accepted
         finally:
             for connection in silent:
