@@ -1,5 +1,9 @@
 """The demo's HTTP API (scratchvit/demo), served in-process on a free port, and its command line.
 
+The HTTP cases that need a client to misbehave (a forged Host, a request that trickles in, a client
+that resets its connection) use raw sockets on loopback, each bounded in time: servers made for
+them have a short deadline (SHORT_DEADLINE_S) and few workers.
+
 The model is a tiny ViT (28x28 images, patch 7: a 4x4 patch grid, dim 16, two layers of two heads),
 built, saved with scratchvit.train.save_checkpoint and loaded back through
 scratchvit.predict.load_trained_model, as the command line does. It is untrained: these tests check
@@ -15,7 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import struct
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy
@@ -31,15 +38,18 @@ if importlib.util.find_spec("PIL") is None:
 
 import scratchvit.preprocess as preprocess
 from scratchvit.attention_maps import inspect
-from scratchvit.demo import MAX_BODY_BYTES, Demo, make_server
-from scratchvit.demo.api import MAX_SIDE
-from scratchvit.demo.server import STATIC_FILES
+import scratchvit.demo.api as demo_api
+from scratchvit.demo import MAX_BODY_BYTES, Demo, RequestError, make_server
+from scratchvit.demo.api import MAX_SIDE, MIN_SIDE, parse_pixels
+from scratchvit.demo.server import MAX_DISCARD_BYTES, REQUEST_QUEUE_SIZE, STATIC_FILES, allowed_hosts, printable
 from scratchvit.predict import load_trained_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(patch_size=7, dim=16, depth=2, heads=2, mlp_dim=32)
 GRID = 28 // TINY_MODEL["patch_size"]
 PAD = 280                  # the page's canvas size
+SHORT_DEADLINE_S = 0.5     # the request deadline of the servers that test it
+JSON = {"Content-Type": "application/json"}
 
 
 def write_tiny_checkpoint(path):
@@ -83,25 +93,50 @@ def model(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(model):
+def demo(model):
+    demo = Demo(model)
+    yield demo
+    demo.close()
+
+
+@contextmanager
+def serving(demo, host="127.0.0.1", **options):
+    """A server for `demo` on a free port, serving from a thread; its log lines in `.log_lines`."""
     log = []
-    server = make_server(Demo(model), "127.0.0.1", 0, log=log.append)
+    server = make_server(demo, host, 0, log=log.append, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.log_lines = log
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    with serving(demo) as server:
+        yield server
+
+
+@pytest.fixture
+def small_server(demo):
+    """Two workers and a short deadline, for the cases that hold connections open."""
+    with serving(demo, workers=2, deadline_s=SHORT_DEADLINE_S) as server:
+        yield server
 
 
 def request(server, method, path, body=None, headers=None):
-    """(status, headers, decoded JSON or raw bytes) for one request on a fresh connection."""
+    """(status, headers, decoded JSON or raw bytes) for one request on a fresh connection; a dict
+    or list body is sent as JSON with its Content-Type."""
     host, port = server.server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=30)
     try:
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
+            headers = {**JSON, **(headers or {})}
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         data = response.read()
@@ -271,7 +306,7 @@ def test_a_bad_body_gets_400_and_the_server_keeps_serving(server, name):
 
 
 def test_a_body_over_the_limit_gets_413(server):
-    status, _, answer = request(server, "POST", "/api/predict", b" " * (MAX_BODY_BYTES + 1))
+    status, _, answer = request(server, "POST", "/api/predict", b" " * (MAX_BODY_BYTES + 1), JSON)
     assert status == 413 and "over the limit" in answer["error"]
     assert_still_serving(server)
 
@@ -280,10 +315,16 @@ def test_a_huge_announced_body_is_refused_unread(server):
     """A Content-Length of 1 TB, with no body sent: answered at once, not waited for."""
     host, port = server.server_address[:2]
     with socket.create_connection((host, port), timeout=30) as connection:
-        connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n".encode())
         answer = connection.makefile("rb").read()       # the client keeps its side open: no EOF to wait for
     assert answer.startswith(b"HTTP/1.0 413") and b'"error"' in answer
     assert_still_serving(server)
+
+
+def host_of(server):
+    """The Host header a browser sends to `server` (the address in its URL)."""
+    return server.url.split("/")[2]
 
 
 def raw_exchange(server, data):
@@ -302,7 +343,8 @@ def raw_exchange(server, data):
     ("Content-Length: -5\r\n", 400, "Content-Length"),
 ])
 def test_a_bad_content_length_gets_4xx(server, headers, status, says):
-    answer = raw_exchange(server, f"POST /api/predict HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    answer = raw_exchange(server, f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\n"
+                                  f"Content-Type: application/json\r\n{headers}\r\n".encode())
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.0 {status}".encode()), head
     assert says in json.loads(body)["error"]
@@ -310,7 +352,8 @@ def test_a_bad_content_length_gets_4xx(server, headers, status, says):
 
 
 def test_a_body_shorter_than_announced_gets_400(server):
-    answer = raw_exchange(server, b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pixels\": ")
+    answer = raw_exchange(server, f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\nContent-Type: "
+                                  'application/json\r\nContent-Length: 100\r\n\r\n{"pixels": '.encode())
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400") and "ended after" in json.loads(body)["error"]
     assert_still_serving(server)
@@ -435,12 +478,15 @@ def test_the_command_serves_on_loopback_writes_nothing_and_stops_on_ctrl_c(check
         url = line.split()[line.split().index("demo:") + 1]
         port = int(url.rstrip("/").rsplit(":", 1)[1])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request("POST", "/api/predict", json.dumps({"pixels": drawing(SEVEN).tolist()}))
+        connection.request("POST", "/api/predict", json.dumps({"pixels": drawing(SEVEN).tolist()}), JSON)
         answer = json.loads(connection.getresponse().read())
         connection.close()
         assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        # a client that holds a connection open without sending: Ctrl-C must not wait for it
+        with socket.create_connection(("127.0.0.1", port), timeout=30):
+            time.sleep(0.2)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
             process.kill()
@@ -481,3 +527,415 @@ def test_the_command_reports_a_port_in_use(checkpoint, tmp_path):
         process = start_cli(checkpoint, tmp_path, "--port", str(taken.getsockname()[1]))
         _, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "cannot listen" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------
+# the limits of api.py on both sides (MIN_SIDE, MAX_SIDE), and the body limit that follows from them
+
+@pytest.mark.parametrize("height, width", [
+    (MIN_SIDE, MIN_SIDE), (MAX_SIDE, MIN_SIDE), (MIN_SIDE, MAX_SIDE), (MAX_SIDE, MAX_SIDE)])
+def test_a_drawing_of_exactly_the_limits_is_accepted(height, width):
+    assert parse_pixels(rows(height, width, 7)).shape == (height, width)
+
+
+@pytest.mark.parametrize("height, width", [
+    (MIN_SIDE - 1, MIN_SIDE), (MIN_SIDE, MIN_SIDE - 1), (MAX_SIDE + 1, MIN_SIDE), (MIN_SIDE, MAX_SIDE + 1)])
+def test_a_drawing_one_beyond_the_limits_is_refused(height, width):
+    with pytest.raises(RequestError, match=f"between {MIN_SIDE} and {MAX_SIDE} pixels on each side") as refused:
+        parse_pixels(rows(height, width, 7))
+    assert refused.value.status == 400
+
+
+def largest_drawing():
+    """MAX_SIDE x MAX_SIDE with a digit in it, every value three digits long (the widest JSON)."""
+    pixels = numpy.full((MAX_SIDE, MAX_SIDE), 255, dtype=numpy.uint8)
+    pixels[MAX_SIDE // 5: -MAX_SIDE // 5, MAX_SIDE // 2 - 40: MAX_SIDE // 2 + 40] = 100
+    return pixels
+
+
+def test_the_largest_drawing_is_accepted_as_the_page_and_as_python_send_it(server):
+    """The body limit admits MAX_SIDE x MAX_SIDE in the page's encoding (JSON.stringify: no spaces)
+    and in json.dumps's (a space after each comma, the widest), at the highest layer."""
+    pixels = largest_drawing().tolist()
+    request_body = {"pixels": pixels, "layer": TINY_MODEL["depth"] - 1}
+    page_body = json.dumps(request_body, separators=(",", ":"))
+    widest_body = json.dumps(request_body)
+    assert len(page_body) < len(widest_body) <= MAX_BODY_BYTES
+    for body in (page_body, widest_body):
+        status, _, answer = request(server, "POST", "/api/predict", body, JSON)
+        assert status == 200 and answer["blank"] is False, answer
+
+
+def test_a_body_of_exactly_the_limit_is_read(server):
+    """MAX_BODY_BYTES is a body the server reads and answers (JSON may end in spaces), one byte
+    more is refused unread (test_a_body_over_the_limit_gets_413)."""
+    body = json.dumps({"pixels": drawing(SEVEN, size=32, width=4).tolist()})
+    body += " " * (MAX_BODY_BYTES - len(body))
+    status, _, answer = request(server, "POST", "/api/predict", body, JSON)
+    assert status == 200 and answer["blank"] is False, answer
+
+
+def test_a_refused_body_up_to_the_discard_limit_is_read_so_its_sender_gets_the_413(server):
+    """A client that sends its whole body before reading: up to MAX_DISCARD_BYTES the server reads
+    it and the client reads a 413 (unread data would make the close a reset)."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\nContent-Type: "
+                           f"application/json\r\nContent-Length: {MAX_DISCARD_BYTES}\r\n\r\n".encode())
+        connection.sendall(b" " * MAX_DISCARD_BYTES)
+        answer = connection.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.0 413"), answer[:100]
+
+
+# ------------------------------------------------------------------------------------------------
+# only requests addressed to this server (DNS rebinding), only JSON on the API (cross-site forms)
+
+def host_cases(port):
+    accepted = [f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"]
+    refused = [f"evil.example:{port}", f"localhost.evil.example:{port}", f"127.0.0.1:{port + 1}",
+               "127.0.0.1", "localhost", f"127.0.0.1:{port}@evil.example", "", None]
+    return accepted, refused
+
+
+def raw_request(server, method, path, host, headers="", body=b""):
+    """The server's answer (status line, body: decoded if JSON) to a request with this Host header (None: none)."""
+    host_line = "" if host is None else f"Host: {host}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\n{host_line}{headers}Content-Length: {len(body)}\r\n\r\n"
+    answer = raw_exchange(server, head.encode() + body)
+    head, _, answer_body = answer.partition(b"\r\n\r\n")
+    if b"Content-Type: application/json" in head:
+        answer_body = json.loads(answer_body)
+    return head.split(b"\r\n")[0].decode(), answer_body
+
+
+def test_requests_addressed_to_this_server_are_answered(server):
+    accepted, _ = host_cases(server.server_address[1])
+    for host in accepted:
+        status_line, info = raw_request(server, "GET", "/api/info", host)
+        assert status_line.startswith("HTTP/1.0 200"), (host, info)
+        body = json.dumps({"pixels": drawing(SEVEN, size=32, width=4).tolist()}).encode()
+        status_line, answer = raw_request(server, "POST", "/api/predict", host, "Content-Type: application/json\r\n",
+                                          body)
+        assert status_line.startswith("HTTP/1.0 200") and "probabilities" in answer, (host, answer)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/api/info"), ("POST", "/api/predict"),
+                                          ("PUT", "/api/predict")])
+def test_requests_addressed_to_another_name_get_421(server, method, path):
+    """A page on another site whose name resolves to 127.0.0.1 (DNS rebinding) sends its own name."""
+    _, refused = host_cases(server.server_address[1])
+    body = json.dumps({"pixels": rows(32, 32)}).encode() if method != "GET" else b""
+    for host in refused:
+        status_line, answer = raw_request(server, method, path, host, "Content-Type: application/json\r\n", body)
+        assert status_line.startswith("HTTP/1.0 421"), (host, status_line, answer)
+        assert "Host" in answer["error"] and "\n" not in answer["error"]
+    assert_still_serving(server)
+
+
+def test_two_host_headers_get_421(server):
+    status_line, answer = raw_request(server, "GET", "/api/info", host_of(server), "Host: evil.example\r\n")
+    assert status_line.startswith("HTTP/1.0 421") and "2 Host headers" in answer["error"]
+
+
+def test_the_allowed_hosts_are_the_bound_address_loopback_and_the_name_asked_for():
+    assert allowed_hosts("127.0.0.1", 8000) == {"127.0.0.1:8000", "localhost:8000", "[::1]:8000"}
+    assert allowed_hosts("0.0.0.0", 8000, "Demo.Lan") == {
+        "0.0.0.0:8000", "demo.lan:8000", "127.0.0.1:8000", "localhost:8000", "[::1]:8000"}
+    assert allowed_hosts("::1", 8000, "::1") == {"127.0.0.1:8000", "localhost:8000", "[::1]:8000"}
+    # on port 80 a browser leaves the port out of the Host header
+    assert "localhost" in allowed_hosts("127.0.0.1", 80) and "localhost" not in allowed_hosts("127.0.0.1", 8000)
+
+
+def test_a_server_on_another_loopback_address_answers_to_that_address(demo):
+    try:
+        context = serving(demo, "127.0.0.2")
+        server = context.__enter__()
+    except OSError as error:
+        pytest.skip(f"cannot listen on 127.0.0.2 here: {error}")
+    try:
+        port = server.server_address[1]
+        assert raw_request(server, "GET", "/api/info", f"127.0.0.2:{port}")[0].startswith("HTTP/1.0 200")
+        assert raw_request(server, "GET", "/api/info", f"127.0.0.3:{port}")[0].startswith("HTTP/1.0 421")
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                                          "application/jsonp", "json"])
+def test_the_api_takes_only_json_415_otherwise(server, content_type):
+    """What a cross-site form or a "simple" fetch can send without a preflight is refused."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = json.dumps({"pixels": drawing(SEVEN, size=32, width=4).tolist()})
+    status, _, answer = request(server, "POST", "/api/predict", body, headers)
+    assert status == 415 and "application/json" in answer["error"], answer
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])
+def test_the_api_takes_json_with_or_without_a_charset(server, content_type):
+    body = json.dumps({"pixels": drawing(SEVEN, size=32, width=4).tolist()})
+    status, _, answer = request(server, "POST", "/api/predict", body, {"Content-Type": content_type})
+    assert status == 200 and "probabilities" in answer, answer
+
+
+# ------------------------------------------------------------------------------------------------
+# the log: one line per event, control characters escaped
+
+CONTROL = [chr(code) for code in (*range(0x20), *range(0x7f, 0xa0))]
+
+
+def test_control_characters_are_escaped_in_the_log(server):
+    marker = "escape-check"
+    raw_exchange(server, f"GET /{marker}\x1b[2J\x1b]0;owned\x07\rforged\x85\x9b\x7f HTTP/1.1\r\n"
+                         f"Host: {host_of(server)}\r\n\r\n".encode("latin-1"))
+    lines = [line for line in server.log_lines if marker in line]
+    assert lines
+    for line in lines:
+        assert not any(character in line for character in CONTROL), repr(line)
+    assert any("\\x1b[2J" in line and "\\x0dforged" in line and "\\x85" in line and "\\x7f" in line
+               for line in lines), lines
+
+
+def test_printable_escapes_every_control_character_and_the_backslash():
+    assert printable("a\x1b[2J\r\nb\\x1b\x9b\x7f\t ü") == "a\\x1b[2J\\x0d\\x0ab\\\\x1b\\x9b\\x7f\\x09 ü"
+
+
+def reset_connection(connection):
+    """Close with an RST (SO_LINGER on, 0 s), as a client that is killed or loses its network."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+
+
+def wait_for_log(server, text, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = [line for line in server.log_lines if text in line]
+        if lines:
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"no log line with {text!r} in {timeout_s} s: {server.log_lines}")
+
+
+def test_a_client_that_resets_mid_request_is_one_log_line_and_no_traceback(small_server, capsys):
+    host, port = small_server.server_address[:2]
+    connection = socket.create_connection((host, port), timeout=30)
+    connection.sendall(f"POST /api/predict HTTP/1.1\r\nHost: {host_of(small_server)}\r\nContent-Type: "
+                       'application/json\r\nContent-Length: 1000\r\n\r\n{"pixels": [[0'.encode())
+    time.sleep(0.1)               # not needed for the outcome: lets the worker wait in its read first
+    reset_connection(connection)
+    went_away = wait_for_log(small_server, "went away")
+    assert len(went_away) == 1 and ("ConnectionResetError" in went_away[0] or "BrokenPipeError" in went_away[0])
+    assert_still_serving(small_server)
+    assert not any("Traceback" in line for line in small_server.log_lines)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_broken_pipe_while_answering_is_one_log_line(small_server, capsys):
+    """What handle_error makes of a client gone while its answer is written (a race to provoke
+    over a real socket, so called directly, as socketserver calls it: inside the except)."""
+    try:
+        raise BrokenPipeError(32, "Broken pipe")
+    except BrokenPipeError:
+        small_server.handle_error(None, ("127.0.0.9", 5))
+    assert small_server.log_lines == ["127.0.0.9 went away before the answer was complete (BrokenPipeError)"]
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# a deadline for the whole request, a fixed pool of workers
+
+def dribble(server, data, at_once=b"", interval_s=0.05):
+    """Send `at_once`, then `data` one byte every interval_s while reading the answer: (answer,
+    whether all of `data` had been sent when the answer was complete). Bounded: len(data) * interval_s."""
+    host, port = server.server_address[:2]
+    sent_all = threading.Event()
+    with socket.create_connection((host, port), timeout=60) as connection:
+        connection.sendall(at_once)
+
+        def send():
+            try:
+                for k in range(len(data)):
+                    connection.sendall(data[k:k + 1])
+                    time.sleep(interval_s)
+                sent_all.set()
+            except OSError:          # the server answered and closed
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        answer = connection.makefile("rb").read()
+        finished_first = sent_all.is_set()
+        connection.shutdown(socket.SHUT_RDWR)
+    sender.join(timeout=60)
+    return answer, finished_first
+
+
+def test_a_request_line_and_headers_that_trickle_in_are_cut_at_the_deadline(small_server):
+    """One byte every 50 ms always beats a per-read timeout; the whole request has SHORT_DEADLINE_S.
+    The headers here would take 25 s to send: the answer comes long before that."""
+    data = (f"GET /api/info HTTP/1.1\r\nHost: {host_of(small_server)}\r\nX-Slow: {'a' * 400}\r\n\r\n").encode()
+    answer, finished_first = dribble(small_server, data)
+    assert answer.startswith(b"HTTP/1.0 408") and not finished_first, answer[:200]
+    assert "did not arrive within" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert_still_serving(small_server)
+
+
+def test_a_body_that_trickles_in_is_cut_at_the_deadline(small_server):
+    body = json.dumps({"pixels": rows(32, 32)}).encode()
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: {host_of(small_server)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    answer, finished_first = dribble(small_server, body, at_once=head)
+    assert answer.startswith(b"HTTP/1.0 408") and not finished_first, answer[:200]
+    assert "body did not arrive within" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+
+
+def test_a_request_that_arrives_in_pieces_within_the_deadline_is_answered(server):
+    """The accepted side of the deadline: pauses within the (default, 10 s) deadline are fine."""
+    body = json.dumps({"pixels": drawing(SEVEN, size=32, width=4).tolist()}).encode()
+    data = (f"POST /api/predict HTTP/1.1\r\nHost: {host_of(server)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as connection:
+        for start in range(0, len(data), len(data) // 4 + 1):
+            connection.sendall(data[start:start + len(data) // 4 + 1])
+            time.sleep(0.05)
+        answer = connection.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.0 200") and b"probabilities" in answer, answer[:200]
+
+
+def test_a_fixed_number_of_workers_answers_and_excess_connections_wait(small_server):
+    """Five silent connections and then a real request, on two workers: no thread is made per
+    connection (the two workers answer everything), the silent ones are cut at the deadline one
+    pair after another, and the request waits its turn in the listen queue and is answered."""
+    handled_on = set()
+    finish_request = small_server.finish_request
+
+    def recording_finish_request(request_, client_address):
+        handled_on.add(threading.current_thread())
+        return finish_request(request_, client_address)
+
+    small_server.finish_request = recording_finish_request
+    host, port = small_server.server_address[:2]
+    silent = [socket.create_connection((host, port), timeout=60) for _ in range(5)]
+    try:
+        status, _, info = request(small_server, "GET", "/api/info")
+        assert status == 200, info
+        for connection in silent:
+            assert connection.makefile("rb").read().startswith(b"HTTP/1.0 408")
+    finally:
+        for connection in silent:
+            connection.close()
+    assert len(handled_on) <= 2, handled_on
+
+
+def test_excess_connections_wait_unaccepted_in_the_listen_queue(demo):
+    """With both workers held by silent clients, further connections are not accepted (so no
+    thread, no memory is spent on them) until a worker is free."""
+    with serving(demo, workers=2, deadline_s=60) as server:
+        accepted = []
+        get_request = server.get_request
+
+        def counting_get_request():
+            connection = get_request()
+            accepted.append(connection[1])
+            return connection
+
+        server.get_request = counting_get_request
+        host, port = server.server_address[:2]
+        silent = [socket.create_connection((host, port), timeout=60) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + 30
+            while len(accepted) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)           # time for a server without the limit to accept the other two as well
+            assert len(accepted) == 2, accepted
+        finally:
+            for connection in silent:
+                connection.close()
+
+
+def test_closing_waits_a_bounded_time_for_workers_held_by_slow_clients(demo):
+    """server_close returns while a worker still waits on a silent client (it is a daemon thread,
+    so it cannot keep the process alive either): Ctrl-C is never held up by a client."""
+    context = serving(demo, workers=2, deadline_s=60)
+    server = context.__enter__()
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=60) as silent:
+        assert_still_serving(server)          # answered after the silent connection was accepted (FIFO)
+        context.__exit__(None, None, None)
+        held = [worker for worker in server._workers if worker.is_alive()]
+        assert len(held) == 1 and held[0].daemon
+        silent.close()
+    assert demo.model_thread._thread.daemon
+
+
+def test_the_listen_backlog_is_deeper_than_the_default(server):
+    assert server.request_queue_size == REQUEST_QUEUE_SIZE >= 64
+
+
+@pytest.mark.parametrize("option, value", [("workers", 0), ("workers", 1.5), ("deadline_s", 0),
+                                           ("deadline_s", float("inf")), ("deadline_s", "10")])
+def test_bad_pool_options_are_refused_by_name(demo, option, value):
+    with pytest.raises(ValueError, match=option):
+        make_server(demo, "127.0.0.1", 0, **{option: value})
+
+
+def test_one_worker_and_a_tiny_deadline_are_accepted(demo):
+    with serving(demo, workers=1, deadline_s=0.001) as server:
+        assert server.deadline_s == 0.001 and len(server._workers) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the model on one long-lived thread
+
+def test_every_forward_pass_runs_on_the_one_model_thread(model, monkeypatch):
+    """CuPy keeps a cuBLAS handle per thread, and the layers keep per-forward caches: the warm-up,
+    direct calls and simultaneous requests all run the model on the same thread, which is none of
+    the callers'."""
+    ran_on = []
+    real_inspect = demo_api.inspect
+    monkeypatch.setattr(demo_api, "inspect", lambda *args: ran_on.append(threading.current_thread())
+                        or real_inspect(*args))
+    demo = Demo(model)
+    try:
+        demo.predict(drawing(SEVEN))
+        with serving(demo, workers=4) as server:
+            threads = [threading.Thread(target=predict, args=(server, drawing(SEVEN, size=64, width=6)))
+                       for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert len(ran_on) == 1 + 1 + 6
+        assert set(ran_on) == {demo.model_thread._thread}
+        assert threading.current_thread() not in ran_on
+    finally:
+        demo.close()
+    assert not demo.model_thread._thread.is_alive()
+
+
+def test_a_request_waits_for_the_model_a_bounded_time_then_gets_503(model):
+    demo = Demo(model, wait_s=0.2)
+    release = threading.Event()
+    blocker = threading.Thread(target=demo.model_thread.run, args=(lambda: release.wait(60), 60), daemon=True)
+    blocker.start()
+    try:
+        with pytest.raises(RequestError, match="busy") as busy:
+            demo.predict(drawing(SEVEN))
+        assert busy.value.status == 503
+    finally:
+        release.set()
+        blocker.join(timeout=60)
+    assert demo.predict(drawing(SEVEN))["blank"] is False          # the model thread serves on
+    demo.close()
+
+
+def test_an_error_on_the_model_thread_reaches_the_request_and_the_thread_serves_on(model, monkeypatch):
+    demo = Demo(model)
+    monkeypatch.setattr(demo_api, "inspect", broken_model)
+    with pytest.raises(FloatingPointError):
+        demo.predict(drawing(SEVEN))
+    monkeypatch.undo()
+    assert demo.predict(drawing(SEVEN))["blank"] is False
+    demo.close()

@@ -74,7 +74,8 @@ def demo_server(checkpoint):
     from scratchvit.demo import Demo, make_server
     from scratchvit.predict import load_trained_model
     model, _ = load_trained_model(checkpoint)
-    server = make_server(Demo(model), "127.0.0.1", 0, log=lambda line: None)
+    demo = Demo(model)
+    server = make_server(demo, "127.0.0.1", 0, log=lambda line: None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -83,6 +84,7 @@ def demo_server(checkpoint):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        demo.close()
 
 
 @contextmanager

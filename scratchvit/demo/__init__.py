@@ -7,7 +7,8 @@ the same as `python -m scratchvit.predict`), the attention rollout and the per-h
 of one layer (scratchvit/attention_maps.py).
 
     api.py      the request and the answer, without HTTP: `Demo(model).answer(json_body)`
-    server.py   the standard library's ThreadingHTTPServer around it, on 127.0.0.1 by default
+    server.py   the standard library's HTTPServer around it with a fixed pool of worker threads,
+                on 127.0.0.1 by default
     __main__.py the command line: parse the options, load the checkpoint, serve
 
 From Python:

@@ -54,15 +54,22 @@ def main(argv=None):
     try:
         server = make_server(demo, args.host, args.port, log=(lambda line: None) if args.quiet else None)
     except OSError as error:
+        demo.close()
         return _error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}", 1)
-    with server:
+    # Every thread the demo starts (the HTTP workers, the model thread) is a daemon and every wait for
+    # them on the way out is bounded (server_close, demo.close), so Ctrl-C ends the process even with
+    # a slow client or a forward pass in progress.
+    try:
         print(f"scratchvit demo: {server.url}  (model from {args.checkpoint}; Ctrl-C stops)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"note: listening on {args.host}: whoever can reach this port can use the page", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            print("stopped", file=sys.stderr)
+            print(f"note: listening on {args.host}: whoever can reach this port can use the page; it answers "
+                  f"requests addressed to {server.url_host} (and localhost) only", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+        demo.close()
     return 0
 
 

@@ -21,19 +21,24 @@ in the request, so it is answered 200 with {"blank": true, "message": "...", ...
 and no numbers that could be NaN.
 
 A bad request raises RequestError, whose message is one line and whose `status` is the HTTP status
-the server answers with (400 for a malformed or out-of-range request).
+the server answers with (400 for a malformed or out-of-range request, 503 when the model has not
+answered within the wait).
 """
+import concurrent.futures
+import queue
 import threading
 
 import numpy
 
 from ..attention_maps import inspect
-from ..backend import backend_of
+from ..backend import backend_of, is_gpu_array
 from ..preprocess import BlankImage, mnist_style, to_model_input
 
 MIN_SIDE = 8            # a drawing smaller than this cannot hold a readable digit
 MAX_SIDE = 1024         # the page sends 280 x 280; this leaves room for a high-resolution canvas
 DECIMALS = 6            # maps and probabilities are rounded: the page draws them, it does not compute with them
+INFERENCE_WAIT_S = 30   # how long a request waits for the model thread before it is answered 503
+CLOSE_WAIT_S = 2        # how long close() waits for the model thread to finish the drawing in hand
 
 
 class RequestError(ValueError):
@@ -94,32 +99,103 @@ def _rounded(array):
     return numpy.round(numpy.asarray(array, dtype=numpy.float64), DECIMALS).tolist()
 
 
+class ModelBusy(RuntimeError):
+    """The model thread has not finished a piece of work within the wait."""
+
+
+class ModelThread:
+    """One long-lived thread that runs every piece of work handed to it, one at a time, in order.
+
+    Two reasons to keep the model on one thread. Every layer keeps what its backward pass needs
+    from the last forward (attention_maps.inspect reads each block's `attn.attn` from there), so
+    two forward passes at once would mix one drawing's attention with another's. And CuPy keeps
+    its cuBLAS handles (and the thread's current device) per thread (cupy/cuda/device.pyx,
+    Device._get_handle, lines 233-248: a dict in a threading.local), so a forward pass on a fresh
+    thread per request would make a new handle for every request.
+
+    The thread is a daemon: a forward pass in progress never keeps the process alive after Ctrl-C."""
+
+    def __init__(self, name="scratchvit-demo-model"):
+        self._jobs = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, function, timeout_s):
+        """function() on the model thread; its result, or its exception raised here. ModelBusy when
+        it has not finished within timeout_s (it is then dropped if it has not started)."""
+        future = concurrent.futures.Future()
+        self._jobs.put((function, future))
+        done, _ = concurrent.futures.wait([future], timeout=timeout_s)
+        if not done:
+            future.cancel()
+            raise ModelBusy(f"the model did not answer within {timeout_s:g} s (busy with other drawings); try again")
+        return future.result()
+
+    def close(self, timeout_s=CLOSE_WAIT_S):
+        """Stop the thread after the work already handed to it, waiting at most timeout_s for it."""
+        self._jobs.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def _serve(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            function, future = job
+            if not future.set_running_or_notify_cancel():       # its request stopped waiting
+                continue
+            try:
+                result = function()
+            except BaseException as error:                    # handed to the waiting request, which decides
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
 class Demo:
-    """A trained model behind one lock, answering drawings.
+    """A trained model on its own thread (ModelThread), answering drawings.
 
-    The lock is needed, not a precaution: every layer keeps what its backward pass needs from the
-    last forward (attention_maps.inspect reads each block's `attn.attn` from there), so two forward
-    passes at once, from two of the server's threads, would mix one drawing's attention with
-    another's. Preprocessing and JSON work stay outside it."""
+    Preprocessing and JSON work stay on the caller's thread; only the forward pass and what it
+    touches on the device (the upload of the drawing, the copy of the answer back) go to the model
+    thread. `wait_s` bounds how long a request waits for it (RequestError 503 after that). One Demo
+    per model: two Demos would run the same model on two threads."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, wait_s=INFERENCE_WAIT_S):
         self.model = model
-        self.lock = threading.Lock()
+        self.wait_s = wait_s
         config = model.config
         self.num_layers = config["depth"]
         self.num_heads = config["heads"]
         self.grid = config["image_size"] // config["patch_size"]
         self.classes = [str(k) for k in range(config["num_classes"])]
+        self.model_thread = ModelThread()
         # One drawing through everything now, so that what is missing (Pillow, which the
         # preprocessing imports only when it resamples) stops the start with its ImportError
         # instead of failing every request, and the first drawing answers as fast as the rest.
         warm_up = numpy.full((MIN_SIDE, MIN_SIDE), 255, dtype=numpy.uint8)
         warm_up[2:6, 3:5] = 0
-        self.predict(warm_up)
+        try:
+            self.predict(warm_up)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Stop the model thread (bounded wait: CLOSE_WAIT_S)."""
+        self.model_thread.close()
 
     def info(self):
         """The model's sizes, for the page to lay itself out before the first drawing."""
         return dict(num_layers=self.num_layers, num_heads=self.num_heads, grid=self.grid, classes=self.classes)
+
+    def _inspect(self, prepared):
+        """On the model thread: (28, 28) preprocessed drawing -> attention_maps.inspect's host arrays."""
+        weights = self.model.cls_token.data
+        if is_gpu_array(weights):
+            weights.device.use()      # the CUDA device is current per thread: the weights' one, on this thread
+        images = to_model_input(prepared[None])                                           # (1, 1, 28, 28)
+        images = backend_of(weights).asarray(images)                                      # onto the model's device
+        return inspect(self.model, images)
 
     def predict(self, pixels, layer=None):
         """(H, W) grayscale 0..255 (a drawing) -> the answer dict of the module docstring."""
@@ -128,10 +204,10 @@ class Demo:
             prepared = mnist_style(numpy.asarray(pixels))                                 # (28, 28) 0..255
         except BlankImage as error:
             return dict(self.info(), blank=True, message=str(error) or "the drawing is blank", layer=layer)
-        images = to_model_input(prepared[None])                                           # (1, 1, 28, 28)
-        images = backend_of(self.model.cls_token.data).asarray(images)                    # onto the model's device
-        with self.lock:
-            seen = inspect(self.model, images)
+        try:
+            seen = self.model_thread.run(lambda: self._inspect(prepared), self.wait_s)
+        except ModelBusy as error:
+            raise RequestError(str(error), 503) from None
         probabilities = seen["probabilities"][0]
         return dict(self.info(), blank=False,
                     probabilities=_rounded(probabilities),
