@@ -11,7 +11,10 @@ The IDX format
 
     So the training images file is 16 + 60000·28·28 bytes and the training labels file 8 + 60000.
     `read_idx` checks every part of that and raises `DataError` for anything else: a wrong magic,
-    a truncated payload, trailing bytes, a corrupt gzip stream.
+    a truncated payload, trailing bytes, a corrupt gzip stream. A gzipped file is inflated only as far
+    as its header says (`decompress_if_gzip`), so a header promising more than the file can hold, or a
+    stream inflating to more than the header says (a gzip bomb), is refused before taking that memory.
+    Labels must be 0-9 (`check_dataset`): a label outside names the file and its first index.
 
 Where the data comes from
     `load_mnist(data_dir)` reads the four files from a folder (any dataset in MNIST's format works:

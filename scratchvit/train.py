@@ -340,7 +340,8 @@ def load_checkpoint(path, *, averaged=False):
 
     averaged=True: the weights to evaluate, which are the weight average where the run kept one
     (--ema-decay) and else the trained weights; False: the trained weights, which training resumes."""
-    return read_checkpoint(path, averaged=averaged, train_options={field.name for field in dataclasses.fields(TrainConfig)})
+    return read_checkpoint(path, averaged=averaged,
+                           train_options={field.name for field in dataclasses.fields(TrainConfig)})
 
 
 REGULARISATION_OPTIONS = ("dropout", "emb_dropout")   # change training, not the shapes of the weights

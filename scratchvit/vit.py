@@ -29,6 +29,9 @@ Parameter names (`named_parameters()`, `state_dict()`), for depth blocks numbere
     blocks.{i}.attn_norm.{weight,bias}, blocks.{i}.attn.qkv.{weight,bias}, blocks.{i}.attn.proj.{weight,bias},
     blocks.{i}.mlp_norm.{weight,bias}, blocks.{i}.fc1.{weight,bias}, blocks.{i}.fc2.{weight,bias},
     norm.{weight,bias}, head.{weight,bias}
+`parameter_shapes(**config)` gives each one's shape from the configuration alone, and `check_config`
+checks a configuration, its size against MAX_PARAMETERS included, before anything is allocated (ViT calls
+it first; checkpoint_file.py checks a checkpoint's arrays against both before reading them).
 """
 import numbers
 
@@ -102,10 +105,9 @@ def check_config(*, image_size, patch_size, num_classes, dim, depth, heads, mlp_
     """The configuration as ViT stores it (plain ints and floats), or ValueError naming the first option that
     cannot work: not a positive integer, a patch that does not divide the image, heads that do not divide dim,
     or a model above MAX_PARAMETERS (the message says what it would need). Allocates nothing."""
-    config = dict(image_size=_positive_int("image_size", image_size), patch_size=_positive_int("patch_size", patch_size),
-                  num_classes=_positive_int("num_classes", num_classes), dim=_positive_int("dim", dim),
-                  depth=_positive_int("depth", depth), heads=_positive_int("heads", heads),
-                  mlp_dim=_positive_int("mlp_dim", mlp_dim), channels=_positive_int("channels", channels))
+    sizes = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, depth=depth,
+                 heads=heads, mlp_dim=mlp_dim, channels=channels)
+    config = {name: _positive_int(name, value) for name, value in sizes.items()}
     _check_probability("dropout", dropout)
     _check_probability("emb_dropout", emb_dropout)
     config.update(dropout=dropout, emb_dropout=emb_dropout)
