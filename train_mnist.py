@@ -29,8 +29,9 @@ import traceback
 
 from scratchvit.backend import BackendUnavailable
 from scratchvit.data import DataError
-from scratchvit.distributed import DistributedError, world
+from scratchvit.distributed import DistributedError, usable_cores, world
 from scratchvit.recipes import RECIPES, SUMMARIES
+from scratchvit.vit import MAX_PARAMETERS
 from scratchvit.train import (LOSS_READ_INTERVAL, CheckpointError, ConfigError, NonFiniteLoss, OutputError,
                               Terminated, TrainConfig, TrainingInterrupted, report_checkpoint, run,
                               terminate_like_ctrl_c)
@@ -77,7 +78,8 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads for the data-parallel training step (default: one per core; under "
-                             "mpiexec, the rank's share of its node's cores)")
+                             "mpiexec, the rank's share of its node's cores); at most the cores this process may "
+                             f"use ({len(usable_cores())} here)")
     augmentation = parser.add_argument_group("augmentation (per image, random: an affine transform, then a shift)")
     add_option(augmentation, "--rotation", "degrees: uniform in [-R, R]", type=float, metavar="R")
     add_option(augmentation, "--scale", "scale uniform in [1 - S, 1 + S]", type=float, metavar="S")
@@ -85,7 +87,9 @@ def build_parser():
     add_option(augmentation, "--translate", "fraction of the image size: uniform in [-T, T] in each direction",
                type=float, metavar="T")
     add_option(augmentation, "--max-shift", "shift by whole pixels, below the image size (0 disables it)", type=int)
-    model = parser.add_argument_group("model")
+    model = parser.add_argument_group(
+        "model", f"at most {MAX_PARAMETERS:,} parameters (and, on the CPU, weights, gradients and Adam's two "
+                 f"moments within this machine's memory): checked before anything is allocated")
     for flag in ("--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"):
         add_option(model, flag, type=int)
     add_option(model, "--dropout", type=float)

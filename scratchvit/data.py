@@ -11,7 +11,10 @@ The IDX format
 
     So the training images file is 16 + 60000·28·28 bytes and the training labels file 8 + 60000.
     `read_idx` checks every part of that and raises `DataError` for anything else: a wrong magic,
-    a truncated payload, trailing bytes, a corrupt gzip stream.
+    a truncated payload, trailing bytes, a corrupt gzip stream. A gzipped file is inflated only as far
+    as its header says (`decompress_if_gzip`), so a header promising more than the file can hold, or a
+    stream inflating to more than the header says (a gzip bomb), is refused before taking that memory.
+    Labels must be 0-9 (`check_dataset`): a label outside names the file and its first index.
 
 Where the data comes from
     `load_mnist(data_dir)` reads the four files from a folder (any dataset in MNIST's format works:
@@ -72,6 +75,10 @@ BACKGROUND = (0 - MNIST_MEAN) / MNIST_STD   # a black pixel after `normalize`
 DOWNLOAD_TIMEOUT_S = 60
 IDX_TYPE_UNSIGNED_BYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+# deflate emits at least one bit per 258 repeated bytes, plus block overhead: no stream inflates by more than
+# 1032:1 (zlib's technical details, https://zlib.net/zlib_tech.html, "Maximum Compression Factor")
+DEFLATE_MAX_RATIO = 1032
+NUM_CLASSES = 10      # MNIST's digits, and every dataset in its format (Fashion-MNIST, KMNIST): labels 0-9
 EXPECTED_DIMENSIONS = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
 
 
@@ -88,14 +95,53 @@ def one_line(text):
 # IDX files
 # ---------------------------------------------------------------------------------------------
 
-def decompress_if_gzip(data, path):
-    """The bytes of an IDX file, gunzipped if they start with the gzip magic (whatever the suffix)."""
+def decompress_if_gzip(data, path, ndim=None):
+    """The bytes of an IDX file, gunzipped if they start with the gzip magic (whatever the suffix).
+
+    Never more than the IDX header declares: the header is inflated first and checked (`idx_header`, with
+    `ndim` when given), the size it declares must fit in what deflate can expand the file's bytes to
+    (DEFLATE_MAX_RATIO), and then only that many bytes and one more are inflated. A file whose header
+    promises more than it can hold, or a stream that inflates past its header (a gzip bomb), is refused
+    before its memory is taken."""
     if not data.startswith(GZIP_MAGIC):
         return data
+    start = gunzip_at_most(data, 4, path)
+    if len(start) < 4:
+        return start                                    # parse_idx says what is missing
+    header = gunzip_at_most(data, 4 + 4 * start[3], path)
+    dimensions, header_size, expected_size = idx_header(header, path, ndim)
+    total = header_size + expected_size
+    if expected_size > DEFLATE_MAX_RATIO * len(data):
+        raise DataError(f"{path}: header says {describe_shape(dimensions)} ({expected_size:,} bytes), more than "
+                        f"{len(data):,} gzipped bytes can hold (deflate expands at most {DEFLATE_MAX_RATIO}-fold): "
+                        f"damaged or crafted")
+    content = gunzip_at_most(data, total + 1, path)
+    if len(content) > total:
+        raise DataError(f"{path}: the gzip stream inflates to more than the {total:,} bytes its IDX header "
+                        f"declares ({describe_shape(dimensions)}): unexpected trailing data")
+    return content
+
+
+def gunzip_at_most(data, limit, path):
+    """The first `limit` bytes (or fewer, if it is shorter) of the gzip file `data` decompressed, inflating no
+    more than that: zlib's max_length bounds each call. Several gzip members follow one another, as gunzip
+    reads them; a stream cut short or corrupt is a DataError."""
+    output = bytearray()
+    pending = data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
+        while pending and len(output) < limit:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)         # 16 +: a gzip header and trailer
+            output += inflater.decompress(pending, limit - len(output))
+            while not inflater.eof and inflater.unconsumed_tail and len(output) < limit:
+                output += inflater.decompress(inflater.unconsumed_tail, limit - len(output))
+            if len(output) >= limit:
+                break
+            if not inflater.eof:
+                raise DataError(f"{path}: corrupt gzip data (the compressed stream ends before its end marker)")
+            pending = inflater.unused_data.lstrip(b"\x00")       # zero padding after a member, as gzip skips it
+    except zlib.error as error:
         raise DataError(f"{path}: corrupt gzip data ({one_line(error)})") from None
+    return bytes(output[:limit])
 
 
 def describe_shape(dimensions):
@@ -106,12 +152,9 @@ def describe_shape(dimensions):
     return f"an array of shape {tuple(dimensions)}"
 
 
-def parse_idx(data, path, ndim=None):
-    """Parse the (already decompressed) bytes of an IDX file into a uint8 array.
-
-    `path` only names the file in error messages; `ndim`, if given, is the number of dimensions the
-    header must declare (3 for images, 1 for labels).
-    """
+def idx_header(data, path, ndim=None):
+    """(dimensions, header size, payload size in bytes) from the first bytes of an IDX file, or DataError
+    (see parse_idx). Reads only the header: `data` may hold the whole file or just its start."""
     if len(data) < 4:
         raise DataError(f"{path}: not an IDX file: only {len(data)} bytes, shorter than the 4-byte magic number")
     zero_bytes, type_code, dimension_count = data[0:2], data[2], data[3]
@@ -134,6 +177,16 @@ def parse_idx(data, path, ndim=None):
     expected_size = 1
     for size in dimensions:
         expected_size *= size
+    return dimensions, header_size, expected_size
+
+
+def parse_idx(data, path, ndim=None):
+    """Parse the (already decompressed) bytes of an IDX file into a uint8 array.
+
+    `path` only names the file in error messages; `ndim`, if given, is the number of dimensions the
+    header must declare (3 for images, 1 for labels).
+    """
+    dimensions, header_size, expected_size = idx_header(data, path, ndim)
     payload_size = len(data) - header_size
     if payload_size < expected_size:
         raise DataError(f"{path}: truncated: header says {describe_shape(dimensions)} ({expected_size} bytes) "
@@ -159,7 +212,7 @@ def read_idx(path, ndim=None):
     Raises DataError naming the file for a bad magic number, an unsupported type code, a number of
     dimensions other than `ndim` (when given), a truncated payload, trailing bytes or corrupt gzip.
     """
-    return parse_idx(decompress_if_gzip(read_bytes(path), path), path, ndim)
+    return parse_idx(decompress_if_gzip(read_bytes(path), path, ndim), path, ndim)
 
 
 def atomic_write_bytes(path, data):
@@ -262,6 +315,12 @@ def check_dataset(arrays, paths):
                             f"holds {label_count} labels; the two counts must match")
         if image_count == 0:
             raise DataError(f"{paths[images_key]}: holds no images")
+    for key in ("train_labels", "test_labels"):
+        outside = numpy.flatnonzero(arrays[key] >= NUM_CLASSES)
+        if outside.size:
+            index = int(outside[0])
+            raise DataError(f"{paths[key]}: label {int(arrays[key][index])} at index {index} is outside "
+                            f"0-{NUM_CLASSES - 1} (a dataset in MNIST's format has {NUM_CLASSES} classes)")
     train_size = arrays["train_images"].shape[1:]
     test_size = arrays["test_images"].shape[1:]
     if train_size != test_size:

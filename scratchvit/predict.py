@@ -39,22 +39,22 @@ def load_trained_model(path, device="cpu"):
     """(model in eval mode on `device`, checkpoint meta) from a checkpoint that train_mnist.py wrote.
 
     CheckpointError (one line naming the file) when it is missing or damaged, when its weights do not fit
-    the model its configuration describes, or when that model does not take 28x28 grey images as
-    preprocess.py makes them. BackendUnavailable for "gpu" where CuPy cannot run.
+    the model its configuration describes or are not finite, or when that model does not take 28x28 grey
+    images as preprocess.py makes them. BackendUnavailable for "gpu" where CuPy cannot run.
     """
     backend = get_backend(device)          # first: a missing GPU backend is a usage problem, whatever the file
+    # the configuration, every array's header and the weights' finiteness are checked here, before the
+    # model is built: a checkpoint declaring a huge model is one line, not a MemoryError
     meta, model_state, _ = load_checkpoint(path, averaged=True)
-    config = meta.get("model_config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: checkpoint holds no model configuration")
+    config = meta["model_config"]
+    if config["image_size"] != CANVAS_SIZE or config.get("channels", 1) != 1:
+        raise CheckpointError(f"{path}: checkpoint's model takes {config['image_size']}x{config['image_size']} "
+                              f"images with {config.get('channels', 1)} channel(s); predict prepares "
+                              f"{CANVAS_SIZE}x{CANVAS_SIZE} grey images as MNIST's")
     try:
         model = ViT(**config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: checkpoint's model configuration cannot be built ({one_line(error)})") from None
-    if config.get("image_size") != CANVAS_SIZE or config.get("channels", 1) != 1:
-        raise CheckpointError(f"{path}: checkpoint's model takes {config.get('image_size')}x{config.get('image_size')} "
-                              f"images with {config.get('channels', 1)} channel(s); predict prepares "
-                              f"{CANVAS_SIZE}x{CANVAS_SIZE} grey images as MNIST's")
     try:
         model.load_state_dict(model_state)
     except (KeyError, ValueError) as error:

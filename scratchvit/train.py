@@ -48,14 +48,13 @@ import errno
 import io
 import json
 import math
+import numbers
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import zipfile
-import zlib
 from pathlib import Path
 
 try:
@@ -66,13 +65,14 @@ except ImportError:
 from .backend import (ReplayableGenerator, get_array_module, get_backend, host, host_generator, keep_freed_host_memory,
                       random_generator)
 from .affine import random_affine
-from .data import DataError, atomic_write_bytes, load_mnist, normalize, random_shift
-from .distributed import SINGLE_PROCESS, world
+from .checkpoint_file import CheckpointError, read_checkpoint
+from .data import NUM_CLASSES, DataError, atomic_write_bytes, load_mnist, normalize, random_shift
+from .distributed import SINGLE_PROCESS, usable_cores, world
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, warmup_cosine
 from .recipes import recipe_for_device, recipe_options
 from .train_step import TrainStep
-from .vit import ViT
+from .vit import TRAINING_COPIES, ViT, check_config, gibibytes, parameter_count
 from .weight_average import WeightAverage
 
 LOSS_READ_INTERVAL = 25        # steps between reads of the loss from the device
@@ -126,6 +126,16 @@ class TrainConfig:
 
     def validate(self):
         """ConfigError naming the first option that cannot work (model options are checked by build_model)."""
+        # inf and NaN pass comparisons such as `lr > 0` (or fail them with a misleading message): refused first
+        for name in ("weight_decay", "warmup_epochs", "label_smoothing", "clip_grad_norm", "rotation", "scale",
+                     "shear", "translate", "ema_decay", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         positive = ("epochs", "batch_size", "eval_batch_size")
         non_negative = ("weight_decay", "warmup_epochs", "clip_grad_norm", "max_shift", "rotation", "scale", "shear",
                         "translate")
@@ -135,13 +145,15 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run in out_dir, "
                               "overwrite replaces it")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads!r}")
+        # more threads than cores only adds replicas' memory and switching: capped at what the process may use
+        if self.threads is not None and self.threads > len(usable_cores()):
+            raise ConfigError(f"threads must be at most {len(usable_cores())}, the CPU cores this process may use, "
+                              f"got {self.threads!r}")
         if self.validation < 0:
             raise ConfigError(f"validation must be a non-negative number of images (0 turns it off), "
                               f"got {self.validation!r}")
@@ -185,10 +197,6 @@ class ConfigError(ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to another configuration."""
 
 
 class OutputError(RuntimeError):
@@ -386,25 +394,13 @@ def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, ran
 
 
 def load_checkpoint(path, *, averaged=False):
-    """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError.
+    """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError: every
+    field, array header and size is checked before anything is read from it (checkpoint_file.py).
 
     averaged=True: the weights to evaluate, which are the weight average where the run kept one
     (--ema-decay) and else the trained weights; False: the trained weights, which training resumes."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint there")
-    try:
-        with host.load(path, allow_pickle=False) as archive:
-            meta = json.loads(bytes(archive["meta"]).decode())
-            prefix = "average/" if averaged and any(key.startswith("average/") for key in archive.files) else "model/"
-            model_state = {key[len(prefix):]: archive[key] for key in archive.files if key.startswith(prefix)}
-            optimizer_state = {key[len("optimizer/"):]: archive[key] for key in archive.files
-                               if key.startswith("optimizer/")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise CheckpointError(f"{path}: not a readable scratchvit checkpoint ({type(error).__name__}: {error})") from None
-    if meta.get("format") != "scratchvit-checkpoint-1":
-        raise CheckpointError(f"{path}: not a scratchvit checkpoint")
-    return meta, model_state, optimizer_state
+    return read_checkpoint(path, averaged=averaged,
+                           train_options={field.name for field in dataclasses.fields(TrainConfig)})
 
 
 REGULARISATION_OPTIONS = ("dropout", "emb_dropout")   # change training, not the shapes of the weights
@@ -416,6 +412,16 @@ def check_same_model(path, saved_config, model_config):
     if differences:
         raise CheckpointError(f"{path}: checkpoint was made with another model configuration: "
                               + ", ".join(differences) + "; pass the same model options")
+
+
+def check_resume_position(path, meta, steps_per_epoch, config):
+    """CheckpointError unless the checkpoint's step lies inside an epoch of this run: a checkpoint written
+    mid-epoch resumes at step_in_epoch, which must be below the steps an epoch has here (another
+    --batch-size or --train-limit changes them)."""
+    step = meta["step_in_epoch"]
+    if step >= steps_per_epoch:
+        raise CheckpointError(f"{path}: meta field step_in_epoch is {step}, but an epoch of this run has "
+                              f"{steps_per_epoch} steps (batch size {config.batch_size}): not a step to resume at")
 
 
 def resume_weight_average(path, meta, model, weight_average):
@@ -651,6 +657,11 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
     generator, so that all ranks see the same images, and TrainStep trains on the rank's shard; the
     loss summed here is the rank's share, and the ranks' sums are added at each loss read."""
     xp = get_array_module(data["train_images"])
+    train_count = data["train_images"].shape[0]
+
+    def images_after(steps):       # images trained on in the epoch's first `steps` steps: the last batch may be
+        return min(steps * config.batch_size, train_count)     # partial, and a batch above the set is the set
+
     randomness = EpochRandomness(train_step.models(), xp, config.seed, epoch, rank=communicator.rank)
     order = xp.asarray(randomness.shuffle.permutation(data["train_images"].shape[0]))
     loss_sum = xp.zeros((), dtype=model.dtype)        # summed on the device, step by step, read now and then
@@ -691,7 +702,7 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
                     f"try a lower --lr (now {config.lr})")
             now = time.perf_counter()
             progress.update(step + 1 - shown_step, (total - shown_sum) / (step + 1 - shown_step),
-                            (step + 1 - shown_step) * config.batch_size / (now - shown_at))
+                            (images_after(step + 1) - images_after(shown_step)) / (now - shown_at))
             shown_sum, shown_step, shown_at = total, step + 1, now
             if step_log is not None:
                 step_log.at_read(epoch=epoch, steps_done=step + 1, global_step=optimizer.step_count, loss_sum=total,
@@ -722,7 +733,7 @@ def train_epoch(epoch, config, data, model, optimizer, train_step, interrupt, on
         # what the average is worth, measured where settings are chosen: the trained weights' accuracy
         record["validation_accuracy_trained_weights"] = accuracy("validation")
     return dict(record, lr=optimizer.lr, seconds=time.perf_counter() - started, train_seconds=train_seconds,
-                images_per_second=(steps_per_epoch - first_step) * config.batch_size / train_seconds)
+                images_per_second=(images_after(steps_per_epoch) - images_after(first_step)) / train_seconds)
 
 
 def check_plot_dependency(config):
@@ -967,12 +978,32 @@ def learning_rate_schedule(config, steps_per_epoch):
             for step in range(total_steps)]
 
 
-def build_model(config, data):
-    """The ViT for `config` and the data's image size and classes; ConfigError if the options do not fit."""
+def physical_memory():
+    """This machine's memory in bytes, or None where the system does not say."""
     try:
-        return ViT(**config.model_config(data["image_size"], num_classes=data["num_classes"]), seed=config.seed)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def build_model(config, data, *, training=True):
+    """The ViT for `config` and the data's image size and classes; ConfigError if the options do not fit,
+    before any weight is allocated: a configuration vit.check_config refuses (above vit.MAX_PARAMETERS,
+    among others), or one whose weights (training: with their gradients and Adam's two moments) exceed
+    this machine's memory on the CPU."""
+    model_config = config.model_config(data["image_size"], num_classes=data["num_classes"])
+    try:
+        check_config(**model_config)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    count, memory = parameter_count(**model_config), physical_memory()
+    needed = count * 4 * (TRAINING_COPIES if training else 1)          # float32
+    if config.device == "cpu" and memory is not None and needed > memory:
+        raise ConfigError(f"the model (dim {config.dim}, depth {config.depth}, mlp_dim {config.mlp_dim}) has "
+                          f"{count:,} parameters and needs at least {gibibytes(needed)} "
+                          f"{'to train' if training else 'for its weights'}, more than this machine's "
+                          f"{gibibytes(memory)} of memory")
+    return ViT(**model_config, seed=config.seed)
 
 
 def load_data(config, backend):
@@ -991,11 +1022,10 @@ def load_data(config, backend):
     height, width = train_images.shape[1:]
     if height != width:
         raise DataError(f"images are {height}x{width}: this ViT needs square images")
-    num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
     data = dict(train_images=normalize(train_images, backend), train_labels=backend.asarray(train_labels, dtype="int64"),
                 test_images=normalize(arrays["test_images"], backend),
                 test_labels=backend.asarray(arrays["test_labels"], dtype="int64"),
-                image_size=height, num_classes=max(num_classes, 10))
+                image_size=height, num_classes=NUM_CLASSES)     # load_mnist checked the labels
     if config.validation > 0:
         data.update(validation_images=normalize(validation_images, backend),
                     validation_labels=backend.asarray(validation_labels, dtype="int64"))
@@ -1067,6 +1097,7 @@ def run(config, *, log=log_line, on_step=None, communicator=None):
             meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
             check_same_model(checkpoint_path, meta["model_config"], model.config)
             check_same_validation_split(checkpoint_path, meta["train_config"], config)
+            check_resume_position(checkpoint_path, meta, steps_per_epoch, config)
             model.load_state_dict(model_state)
             optimizer.load_state_dict(dict(optimizer_state, step_count=meta["optimizer_step"],
                                            lr=meta["optimizer_lr"]))
@@ -1138,7 +1169,7 @@ def load_for_evaluation(path, config):
     backend = get_backend(config.device)
     meta, model_state, _ = load_checkpoint(path, averaged=True)
     data = load_data(config, backend)
-    model = build_model(config, data)
+    model = build_model(config, data, training=False)
     check_same_model(path, meta["model_config"], model.config)
     model.load_state_dict(model_state)
     model.to(backend)

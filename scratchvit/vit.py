@@ -29,6 +29,9 @@ Parameter names (`named_parameters()`, `state_dict()`), for depth blocks numbere
     blocks.{i}.attn_norm.{weight,bias}, blocks.{i}.attn.qkv.{weight,bias}, blocks.{i}.attn.proj.{weight,bias},
     blocks.{i}.mlp_norm.{weight,bias}, blocks.{i}.fc1.{weight,bias}, blocks.{i}.fc2.{weight,bias},
     norm.{weight,bias}, head.{weight,bias}
+`parameter_shapes(**config)` gives each one's shape from the configuration alone, and `check_config`
+checks a configuration, its size against MAX_PARAMETERS included, before anything is allocated (ViT calls
+it first; checkpoint_file.py checks a checkpoint's arrays against both before reading them).
 """
 import numbers
 
@@ -44,6 +47,18 @@ from .layers.layer import check_same_device
 POSITION_INIT_STD = 1.0
 
 
+# The largest model the package builds: 10^9 parameters are 4 GB of float32 weights, and training keeps four
+# arrays of that size (weights, gradients, Adam's two moments). A configuration above it is refused before
+# anything is allocated, with what it would need, so a typo (--dim 100000) is one line, not a MemoryError.
+MAX_PARAMETERS = 1_000_000_000
+TRAINING_COPIES = 4            # weights, gradients, exp_avg, exp_avg_sq: what training holds per parameter
+
+
+def gibibytes(count):
+    """A byte count for a message: `1.5 GiB`."""
+    return f"{count / 2**30:,.1f} GiB"
+
+
 def _positive_int(name, value):
     """`value` as a Python int (NumPy integers too: the configuration goes into JSON), or ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
@@ -52,31 +67,79 @@ def _positive_int(name, value):
 
 
 def _check_probability(name, value):
-    if not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def parameter_count(*, image_size, patch_size, num_classes, dim, depth, mlp_dim, channels=1, **unused):
+    """The number of weights of a ViT of this configuration, from the sizes alone (nothing allocated).
+
+    Per block: two LayerNorms (2D each), qkv (D x 3D + 3D), proj (D x D + D), fc1 (D x M + M), fc2 (M x D + D).
+    Around them: cls_token D, pos_embedding (N + 1) D, patch_embed (p p C x D + D), norm 2D, head (D x K + K)."""
+    num_patches = (image_size // patch_size) ** 2
+    block = 4 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (dim * mlp_dim + mlp_dim) + (mlp_dim * dim + dim)
+    return (dim + (num_patches + 1) * dim + patch_size * patch_size * channels * dim + dim + depth * block + 2 * dim
+            + dim * num_classes + num_classes)
+
+
+def parameter_shapes(*, image_size, patch_size, num_classes, dim, depth, mlp_dim, channels=1, **unused):
+    """{name: shape} of every weight, in `named_parameters()` order, from the configuration alone: what a
+    checkpoint's arrays are checked against before any of them is read (checkpoint_file.py)."""
+    num_patches = (image_size // patch_size) ** 2
+    shapes = {"cls_token": (1, 1, dim), "pos_embedding": (1, num_patches + 1, dim),
+              "patch_embed.weight": (patch_size * patch_size * channels, dim), "patch_embed.bias": (dim,)}
+    for i in range(depth):
+        for name, shape in (("attn_norm.weight", (dim,)), ("attn_norm.bias", (dim,)),
+                            ("attn.qkv.weight", (dim, 3 * dim)), ("attn.qkv.bias", (3 * dim,)),
+                            ("attn.proj.weight", (dim, dim)), ("attn.proj.bias", (dim,)),
+                            ("mlp_norm.weight", (dim,)), ("mlp_norm.bias", (dim,)),
+                            ("fc1.weight", (dim, mlp_dim)), ("fc1.bias", (mlp_dim,)),
+                            ("fc2.weight", (mlp_dim, dim)), ("fc2.bias", (dim,))):
+            shapes[f"blocks.{i}.{name}"] = shape
+    shapes.update({"norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (dim, num_classes),
+                   "head.bias": (num_classes,)})
+    return shapes
+
+
+def check_config(*, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=1, dropout=0.0,
+                 emb_dropout=0.0, dtype="float32"):
+    """The configuration as ViT stores it (plain ints and floats), or ValueError naming the first option that
+    cannot work: not a positive integer, a patch that does not divide the image, heads that do not divide dim,
+    or a model above MAX_PARAMETERS (the message says what it would need). Allocates nothing."""
+    sizes = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim, depth=depth,
+                 heads=heads, mlp_dim=mlp_dim, channels=channels)
+    config = {name: _positive_int(name, value) for name, value in sizes.items()}
+    _check_probability("dropout", dropout)
+    _check_probability("emb_dropout", emb_dropout)
+    config.update(dropout=dropout, emb_dropout=emb_dropout)
+    if config["image_size"] % config["patch_size"]:
+        raise ValueError(f"image_size {config['image_size']} must be divisible by patch_size {config['patch_size']}")
+    if config["dim"] % config["heads"]:
+        raise ValueError(f"dim {config['dim']} must be divisible by heads {config['heads']}")
+    dtype = host.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating-point type such as float32 or float64, got {dtype}")
+    count = parameter_count(**config)
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the model (dim {config['dim']}, depth {config['depth']}, mlp_dim {config['mlp_dim']}, "
+                         f"image_size {config['image_size']}, patch_size {config['patch_size']}) would have {count:,} "
+                         f"parameters: {gibibytes(count * dtype.itemsize)} of {dtype} weights, at least "
+                         f"{gibibytes(TRAINING_COPIES * count * dtype.itemsize)} to train; the limit is "
+                         f"{MAX_PARAMETERS:,} parameters")
+    return config
 
 
 class ViT(Layer):
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=1,
                  dropout=0.0, emb_dropout=0.0, dtype="float32", seed=0):
-        image_size, patch_size, num_classes = (_positive_int("image_size", image_size),
-                                               _positive_int("patch_size", patch_size),
-                                               _positive_int("num_classes", num_classes))
-        dim, depth, heads, mlp_dim = (_positive_int("dim", dim), _positive_int("depth", depth),
-                                      _positive_int("heads", heads), _positive_int("mlp_dim", mlp_dim))
-        channels = _positive_int("channels", channels)
-        _check_probability("dropout", dropout)
-        _check_probability("emb_dropout", emb_dropout)
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
-        if dim % heads:
-            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        # checked first: a configuration too large to build is refused before any weight is allocated
+        self.config = check_config(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
+                                   depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dropout=dropout,
+                                   emb_dropout=emb_dropout, dtype=dtype)
+        image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels = (
+            self.config[name] for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads",
+                                           "mlp_dim", "channels"))
         dtype = host.dtype(dtype)
-        if dtype.kind != "f":
-            raise ValueError(f"dtype must be a floating-point type such as float32 or float64, got {dtype}")
-        self.config = dict(image_size=image_size, patch_size=patch_size, num_classes=num_classes, dim=dim,
-                           depth=depth, heads=heads, mlp_dim=mlp_dim, channels=channels, dropout=dropout,
-                           emb_dropout=emb_dropout)
         self.dtype = dtype
         num_patches = (image_size // patch_size) ** 2
         rng = host_generator(seed)   # every weight is drawn on the host, so CPU and GPU start identical
