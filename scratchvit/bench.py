@@ -124,7 +124,8 @@ import tracemalloc
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
+from .backend import BackendUnavailable, get_backend, to_host
+from .cpu_threads import keep_freed_host_memory
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW
