@@ -70,7 +70,8 @@ def add_gpu_facts(facts, cupy):
     """Add the driver's and CuPy's view of the current GPU to `facts`, one fact at a time, so that what was
     learnt before a failure is kept (a driver too old for CuPy's CUDA fails at the device, after the
     versions). Raises whatever CuPy raises where there is no usable GPU."""
-    facts["nvidia_driver"] = nvidia_driver_version()
+    if "nvidia_driver" not in facts:        # the caller may have read it before importing CuPy
+        facts["nvidia_driver"] = nvidia_driver_version()
     facts["cupy"] = cupy.__version__
     runtime = cupy.cuda.runtime
     facts["cuda_runtime"] = cuda_version(runtime.runtimeGetVersion)   # the runtime CuPy uses

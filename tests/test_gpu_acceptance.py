@@ -1,4 +1,4 @@
-"""Tests of `python -m scratchvit.gpu_acceptance`, the GPU acceptance command, on a machine without a GPU.
+"""Tests of `python tools/gpu_acceptance.py`, the GPU acceptance command, on a machine without a GPU.
 
 The command is first run for real on a GPU machine that nobody here can try. So its dry run (every stage on
 the CPU, tiny sizes) is run in full here, once per module, through `main` as the command line calls it. The
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy
 import pytest
 
-from scratchvit import gpu_acceptance
 from scratchvit.data import MNIST_FILES, write_idx
-from scratchvit.gpu_acceptance import (Stage, build_stages, bench_figures, compare_rows, count_no_gpu_skips,
-                                       figures_text, format_table, judge_mpi, judge_pytest, main, parse_json_objects,
-                                       parse_pytest_summary, run_acceptance, stage_timeout, training_figures)
+from tools import gpu_acceptance
+from tools.gpu_acceptance import (Stage, build_stages, bench_figures, compare_rows, count_no_gpu_skips, figures_text,
+                                  format_table, judge_mpi, judge_pytest, main, parse_json_objects, parse_pytest_summary,
+                                  run_acceptance, stage_timeout, training_figures)
 
 STAGE_NAMES = ["machine", "gpu-tests", "compile-tests", "equivalence", "bench-16", "bench-32", "train", "inference",
                "mpi"]

@@ -1,107 +1,20 @@
-"""The GPU acceptance run: the one command that shows scratchvit's GPU path works on a real GPU (issues 8, 15).
+"""The GPU acceptance run: the one command that shows scratchvit's GPU path works on a real GPU.
 
-    python -m scratchvit.gpu_acceptance --data-dir DIR [--out-dir runs/gpu-acceptance] [--work-dir W] [--dry-run]
+    python tools/gpu_acceptance.py --data-dir DIR [--out-dir runs/gpu-acceptance] [--work-dir W] [--dry-run]
 
-DIR holds MNIST's four IDX files (train-images-idx3-ubyte, ..., each may be .gz). Run it from the
-repository with `PYTHONPATH=.`; it needs CuPy and a CUDA device, and uses PyTorch where it imports.
-On a lent device machine, whose `$OUT` alone comes back, it is called with `--out-dir "$OUT/acc"`
-(README, "On the GPU").
+DIR holds MNIST's four IDX files. Each stage (the machine report, the GPU tests, the kernels compiled,
+CPU-GPU equivalence, the benchmark against PyTorch, a training run, inference on both devices, a 2-rank
+MPI job) is its own process with its own timeout, judged on what it prints; a stage that fails or hangs
+is recorded and the next one runs, within a shared time budget. OUT gets a log, summary.json,
+summary.md, the training metrics and the checkpoint. --dry-run runs every stage on the CPU at tiny
+sizes, so that tests/test_gpu_acceptance.py can run it anywhere.
 
-Before anything runs it checks, in this order, that pytest and hypothesis are installed (the pytest
-stages need both: tests/conftest.py imports them), that CuPy imports and sees a CUDA device (not in a
-dry run), and that DIR holds the four files; the first one missing is said in one line (exit 2).
-
-What runs. Each stage is its own Python process (`sys.executable`), started in the repository, with
-its own timeout. Its stdout and stderr go to WORK/logs/NN-STAGE.log, with the command on the first
-line, and are appended to OUT/acceptance.log under a heading per stage. A stage that crashes, fails or
-times out is recorded as such ("failed", "timed out"), with the last lines of its log, and the next
-stage runs anyway. So a broken CuPy gives a failed stage, and the script itself never crashes.
-1. machine: GPU name and memory, NVIDIA driver, CUDA runtime and the CUDA the driver supports, and the
-   CuPy, NumPy and PyTorch versions. It also runs scratchvit's own GPU backend check, which compiles and
-   runs a kernel.
-2. gpu-tests: `python -m pytest -q -m gpu -rsfE` with HYPOTHESIS_PROFILE=ci: every test that runs on
-   CuPy. Passing needs pytest to exit 0, at least one test to pass, and no test to skip for want of a GPU:
-   a run whose GPU tests all skipped proved nothing.
-3. compile-tests: `python -m pytest -q -rsfE tests/test_fused_compiles.py`: every fused kernel through
-   NVRTC, judged the same way.
-4. equivalence: `python -m scratchvit.equivalence --json`. The same 10 training steps on the CPU and the
-   GPU, in float64 and float32, from identical weights and batches. Every loss, parameter and the final
-   logits must agree within the tolerances in scratchvit/equivalence.py.
-5. bench-512, bench-2048: `python -m scratchvit.bench --device gpu --batch-size N --patch-size 4 --compare-torch
-   --json` (the GPU recipe's model). One training step timed with CUDA events, against the same ViT in
-   PyTorch eager, and one more step traced by PyTorch's profiler: the kernels it runs, their summed time
-   beside the traced step's wall time, and the verdict launch-bound or compute-bound (bench.py). Where
-   torch does not import, scratchvit is timed alone and the stage fails, saying so.
-6. train: `python train_mnist.py --device gpu --data-dir DIR --out-dir WORK/train`, with the GPU recipe
-   (scratchvit/recipes.py). The figures come from its metrics.jsonl. Reaching 99% test accuracy is
-   reported and not required: the stage passes if training ran and recorded its epochs.
-7. inference: the first INFERENCE_IMAGES test digits, saved as PNG files, through `python -m scratchvit.predict
-   --device D --json` (run in the stage's process, `predict.main`) and through the demo's inference
-   (`scratchvit.demo.api.Demo.predict` on the raw digit), each on the CPU and on the GPU, with the
-   checkpoint the train stage wrote. Both must give the same digits, and every probability must agree
-   within PROBABILITY_TOLERANCE (a digit may differ only where the CPU's two most probable classes lie
-   within it, a tie).
-8. mpi: `mpiexec -n 2 python -m scratchvit.bench --device gpu --batch-size 512 --patch-size 4 --json`: two ranks
-   on the one GPU, the gradients exchanged through host memory (SCRATCHVIT_GPU_ALLREDUCE=host-staged:
-   NCCL refuses two ranks on one GPU). Where mpi4py or mpiexec is missing it is "skipped: no MPI runtime",
-   which is not a failure.
-
-How long it takes. On one H200 this should take under 8 minutes (it has not run on one yet). Each
-stage has a timeout (STAGE_LIMITS). The stages also share a budget of 450 s (--budget). A stage's
-timeout is cut where needed so that every later stage keeps its minimum, so the run ends within the
-budget even when a stage hangs. --timeout-scale F multiplies every timeout, minimum and the budget, for
-a slower machine. The dry run takes 20 to 40 s on a 2-core CPU: pytest collecting the suite, NVRTC
-compiling the kernels where CuPy is installed (compile-tests needs no GPU), PyTorch being imported, and
-the 2-rank MPI job where MPI is installed.
-
-What it writes. OUT (default runs/gpu-acceptance) gets five files and no folder, so that it fits what the
-device tool brings back from $OUT (at most 8 files, plain names, 16 MiB each):
-    acceptance.log      every stage's stdout and stderr, one section per stage (a stage that timed out ends
-                        with a line saying so; a log over 1.25 MiB keeps its head and its tail)
-    summary.json        every stage: command, status, exit status, seconds, timeout, figures, problems,
-                        and the end of its log where it failed. Rewritten after every stage, so an
-                        interrupted run still leaves one
-    summary.md          the same for a person: the table, then each failure with the end of its log
-    train-metrics.jsonl the training run's metrics.jsonl (one line per epoch)
-    checkpoint.npz      the trained model (where it was written and is at most 16 MiB)
-WORK (--work-dir, default a new temporary folder, printed at the start) holds the stages' own logs and
-the training run.
-
-How to read the table, printed last (summary.md has the same):
-- status: passed, failed (exit status or judgement, the reason is printed above the table), timed out,
-  or skipped (the MPI stage without an MPI runtime).
-- machine: what ran it. gpu-tests and compile-tests: pytest's counts; "no GPU" counts the skips for
-  want of a GPU.
-- equivalence: per dtype, the largest relative error of the losses, the parameters and the logits,
-  each against its tolerance: "ok" when all are within it.
-- bench-N: images per second for scratchvit and PyTorch at batch N, the ratio of their median ms per
-  step (scratchvit / torch: below 1 means scratchvit is faster), the kernels one step runs in each
-  (`kernels_per_step`: kernels only; copies and fills are counted apart in the bench's JSON), each
-  library's verdict with its summed kernel time and traced step time (launch-bound: the kernels fill
-  less than 80% of the step, so the GPU waits on the host), and the peak bytes scratchvit's CuPy memory
-  pool held.
-- train: the first epoch with test accuracy >= 99% and the seconds from the start of training to the
-  end of that epoch (data loading and evaluation included), the final accuracy, and the training
-  process's own wall time (Python start-up and imports included).
-- inference: per path (predict, demo), whether the digits are the same and the largest probability
-  difference between the devices, against the tolerance.
-- mpi: the ranks, the exchange and its median time per step and share of the step, images per second.
-- the last line: PASSED or FAILED, and the exit status.
-"n/a" marks a figure the stage did not report.
-
---dry-run runs every stage on the CPU, at tiny sizes, so that this command can be tested on any machine
-(tests/test_gpu_acceptance.py does). CUDA_VISIBLE_DEVICES is set empty for its stages, so a GPU is not used
-even where one is present. Stage by stage: the machine report of the CPU; the same two pytest runs, whose GPU
-tests then skip (which is fine here); equivalence CPU against CPU (`--devices cpu cpu --small --steps 3`);
-the benchmark on the CPU with a tiny model at batches 16 and 32 (--compare-torch only where torch
-imports); one epoch of the GPU recipe on 512 training images with a tiny model; inference CPU against
-CPU; the 2-rank job on the CPU where MPI is installed.
-The nested pytest runs the whole `-m gpu` selection even in the dry run. It costs 5 to 10 s here, most
-of it collection, which the test can afford.
+It is a tool of the checkout, not of the installed package: it runs `tests/...` and `train_mnist.py` by
+path, and tests the scratchvit beside it. What each stage runs and how it is judged, what OUT holds and
+how to read the table: docs/gpu-acceptance.md.
 
 Exit status: 0 when every stage passed (or was skipped); 1 when one failed or timed out; 2 for a bad
-option or a missing precondition (reported in one line before anything runs); 130 after Ctrl-C or SIGTERM
-(the running stage is stopped, and the summary of the stages before it is written).
+option or a missing precondition (one line, before anything runs); 130 after Ctrl-C or SIGTERM.
 """
 import argparse
 import dataclasses
@@ -122,12 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .backend import GPU_INSTALL_HINT
-from .bench import cpu_name
-from .recipes import RECIPES
-from .data import MNIST_FILES, file_list
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:      # run as a script: the checkout's scratchvit, the one being tested
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scratchvit.cupy_check import GPU_INSTALL_HINT  # noqa: E402
+from scratchvit.data import MNIST_FILES, file_list  # noqa: E402
+from scratchvit.machine import add_gpu_facts, cpu_name, nvidia_driver_version  # noqa: E402
+from scratchvit.recipes import RECIPES  # noqa: E402
+
 TRAIN_SCRIPT = REPO_ROOT / "train_mnist.py"
 
 BUDGET_S = 450                  # all stages together, on an H200: 7.5 of the 8 minutes this command may take
@@ -175,31 +91,6 @@ NO_GPU_SKIP = re.compile(r"no GPU backend|needs CuPy|could not import 'cupy'|no 
 # ------------------------------------------------------------------------------------------------
 # stage 1: the machine report (runs in its own process: `machine_main`)
 
-def cuda_version(number):
-    """CUDA's version integer (1000 * major + 10 * minor) as "major.minor"; 0 (no driver) as "none"."""
-    number = int(number)
-    return f"{number // 1000}.{number % 1000 // 10}" if number else "none"
-
-
-def nvidia_driver_version():
-    """The NVIDIA driver's version ("570.86.15") from /proc/driver/nvidia/version, else nvidia-smi, else None."""
-    try:
-        with open("/proc/driver/nvidia/version") as file:
-            # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Wed Jan 22 ..."
-            words = file.readline().split()
-        return next((word for word in words if word[:1].isdigit() and "." in word), None)
-    except OSError:
-        pass
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        answer = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return answer.stdout.strip().splitlines()[0] if answer.returncode == 0 and answer.stdout.strip() else None
-
-
 def torch_facts(with_gpu):
     """PyTorch's version (and its CUDA, and whether it sees the GPU), or why it did not import."""
     try:
@@ -210,24 +101,6 @@ def torch_facts(with_gpu):
     if with_gpu:
         facts["torch_sees_gpu"] = bool(torch.cuda.is_available())
     return facts
-
-
-def add_gpu_facts(facts):
-    """Add the driver's and CuPy's view of GPU 0 to `facts`, one fact at a time, so that what was learnt
-    before a failure is kept (a driver too old for CuPy's CUDA fails at the device, after the versions).
-    Raises whatever CuPy raises where there is no usable GPU."""
-    facts["nvidia_driver"] = nvidia_driver_version()
-    import cupy
-    facts["cupy"] = cupy.__version__
-    runtime = cupy.cuda.runtime
-    facts["cuda_runtime"] = cuda_version(runtime.runtimeGetVersion())
-    facts["cuda_driver"] = cuda_version(runtime.driverGetVersion())      # the newest CUDA the driver runs
-    facts["gpu_count"] = int(runtime.getDeviceCount())
-    properties = runtime.getDeviceProperties(0)
-    name = properties["name"]
-    facts["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
-    facts["gpu_compute_capability"] = cupy.cuda.Device(0).compute_capability
-    facts["gpu_memory_bytes"] = int(properties["totalGlobalMem"])
 
 
 def cupy_facts_if_any():
@@ -251,8 +124,10 @@ def machine_report(dry_run):
         facts.update(cupy_facts_if_any())
     else:
         try:
-            add_gpu_facts(facts)
-            from .backend import get_backend
+            facts["nvidia_driver"] = nvidia_driver_version()    # known even where CuPy does not import
+            import cupy
+            add_gpu_facts(facts, cupy)
+            from scratchvit.backend import get_backend
             get_backend("gpu")          # scratchvit's own check: CuPy compiles and runs a kernel on the device
         except Exception as error:
             problem = f"{type(error).__name__}: {error}"
@@ -279,7 +154,7 @@ def machine_main(dry_run):
 
 def first_test_digits(data_dir, count=INFERENCE_IMAGES):
     """The first `count` MNIST test images, (count, 28, 28) uint8, light ink on dark."""
-    from .data import read_idx
+    from scratchvit.data import read_idx
     folder = Path(data_dir)
     name = MNIST_FILES["test_images"]
     path = folder / name if (folder / name).is_file() else folder / (name + ".gz")
@@ -290,7 +165,7 @@ def predict_command_rows(checkpoint, paths, device):
     """(K,) probabilities per image, as `python -m scratchvit.predict --device DEVICE --json` prints them."""
     import contextlib
     import io
-    from .predict import main as predict_main
+    from scratchvit.predict import main as predict_main
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         status = predict_main(["--checkpoint", str(checkpoint), "--device", device, "--json", *map(str, paths)])
@@ -301,8 +176,8 @@ def predict_command_rows(checkpoint, paths, device):
 
 def demo_rows(checkpoint, digits, device):
     """(K,) probabilities per image from the demo's inference (scratchvit.demo.api.Demo) on `device`."""
-    from .demo.api import Demo
-    from .predict import load_trained_model
+    from scratchvit.demo.api import Demo
+    from scratchvit.predict import load_trained_model
     model, _ = load_trained_model(checkpoint, device)
     demo = Demo(model)
     return [demo.predict(digit)["probabilities"] for digit in digits]
@@ -594,7 +469,7 @@ def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=N
         mpi_problem = mpi_runtime_problem()
     limits = STAGE_LIMITS
     device = "cpu" if dry_run else "gpu"
-    machine_code = ("import sys; from scratchvit.gpu_acceptance import machine_main; "
+    machine_code = ("import sys; from tools.gpu_acceptance import machine_main; "
                     f"sys.exit(machine_main(dry_run={bool(dry_run)}))")
     # pytest's exit status 5 is "no tests collected": a module skipped whole (test_fused_compiles.py without CuPy).
     # judge_pytest judges that by the counts: fine in a dry run, "no test passed" in a GPU run.
@@ -633,7 +508,7 @@ def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=N
     stages.append(Stage("train", "train", train, *limits["train"],
                         functools.partial(judge_training, metrics_path=metrics_path),
                         prepare=functools.partial(remove_files, metrics_path, checkpoint)))
-    inference_code = ("import sys; from scratchvit.gpu_acceptance import inference_main; "
+    inference_code = ("import sys; from tools.gpu_acceptance import inference_main; "
                       f"sys.exit(inference_main({str(checkpoint)!r}, {str(data_dir)!r}, 'cpu', {device!r}))")
     stages.append(Stage("inference", "inference", [python, "-c", inference_code], *limits["inference"],
                         judge_inference))
@@ -1030,7 +905,7 @@ def keep_files(keep, out_dir):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m scratchvit.gpu_acceptance",
+        prog="python tools/gpu_acceptance.py",
         description="Prove scratchvit's GPU path on this machine: machine report, GPU tests, NVRTC compile tests, "
                     "CPU/GPU equivalence, benchmarks against PyTorch at batch 512 and 2048, and MNIST training "
                     "with the GPU recipe; each stage in its own process with a timeout, a summary table last.")
