@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend, to_host
+from .backend import BackendUnavailable, get_backend
 from .cpu_threads import keep_freed_host_memory
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .gpu_trace import gpu_work, torch_for_launch_counting

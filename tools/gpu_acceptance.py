@@ -10,8 +10,11 @@ summary.md, the training metrics and the checkpoint. --dry-run runs every stage 
 sizes, so that tests/test_gpu_acceptance.py can run it anywhere.
 
 It is a tool of the checkout, not of the installed package: it runs `tests/...` and `train_mnist.py` by
-path, and tests the scratchvit beside it. What each stage runs and how it is judged, what OUT holds and
-how to read the table: docs/gpu-acceptance.md.
+path, and tests the scratchvit beside it. This file builds the stages, runs them within the budget and
+holds the command line; acceptance_probes.py is what runs inside the machine and inference stages,
+acceptance_judging.py reads and judges what a stage printed, acceptance_report.py writes the summary.
+What each stage runs and how it is judged, what OUT holds and how to read the table:
+docs/gpu-acceptance.md.
 
 Exit status: 0 when every stage passed (or was skipped); 1 when one failed or timed out; 2 for a bad
 option or a missing precondition (one line, before anything runs); 130 after Ctrl-C or SIGTERM.
@@ -21,11 +24,8 @@ import dataclasses
 import datetime
 import functools
 import importlib.util
-import json
 import math
 import os
-import platform
-import re
 import shlex
 import shutil
 import signal
@@ -41,22 +41,19 @@ if str(REPO_ROOT) not in sys.path:      # run as a script: the checkout's scratc
 
 from scratchvit.cupy_check import GPU_INSTALL_HINT  # noqa: E402
 from scratchvit.data import MNIST_FILES, file_list  # noqa: E402
-from scratchvit.machine import add_gpu_facts, cpu_name, nvidia_driver_version  # noqa: E402
 from scratchvit.recipes import RECIPES  # noqa: E402
+from tools.acceptance_judging import (Outcome, judge_bench, judge_equivalence, judge_inference,  # noqa: E402
+                                      judge_machine, judge_mpi, judge_pytest, judge_training)
+from tools.acceptance_probes import find_mpiexec, mpi_runtime_problem  # noqa: E402
+from tools.acceptance_report import figures_text, format_table, write_summary  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "train_mnist.py"
 
 BUDGET_S = 450                  # all stages together, on an H200: 7.5 of the 8 minutes this command may take
 BENCH_BATCHES = (512, 2048)
 DRY_RUN_BENCH_BATCHES = (16, 32)
-TARGET_ACCURACY = 0.99
 TAIL_LINES = 25                 # lines of a failed stage's log shown and kept in the summary
 STOP_GRACE_S = 5                # after SIGTERM, seconds before SIGKILL
-INFERENCE_IMAGES = 16           # test digits the inference stage classifies on both devices
-# The largest difference of a probability between the CPU and the GPU the inference stage accepts. The
-# same float32 forward pass, its sums in another order: the equivalence stage holds logits to ~1e-5
-# relative; a probability moves by at most about that, far below this.
-PROBABILITY_TOLERANCE = 1e-4
 LOG_NAME = "acceptance.log"     # every stage's output, one section each, in OUT
 # What comes back from the device tool's $OUT: at most 8 files, names of letters, digits, ".", "_", "-"
 # only, 16 MiB each. OUT holds 5 files (module docstring); a stage's log is cut to LOG_KEEP_BYTES
@@ -82,360 +79,6 @@ DRY_RUN_MODEL = ["--depth", "1", "--dim", "16", "--heads", "2", "--mlp-dim", "32
 # -rsfE: the reasons of skips, then failures and errors last (nearest the end of the log); --durations: the
 # slowest tests, to size the timeouts after the first GPU run; no .pytest_cache writes
 PYTEST = ["-m", "pytest", "-q", "-rsfE", "--durations=15", "--color=no", "-p", "no:cacheprovider"]
-
-# A skip that means the test did not get a GPU: conftest's "no GPU backend: ...", test_fused_compiles.py's
-# "needs CuPy and NVRTC", pytest.importorskip("cupy")'s "could not import 'cupy'".
-NO_GPU_SKIP = re.compile(r"no GPU backend|needs CuPy|could not import 'cupy'|no CUDA device", re.IGNORECASE)
-
-
-# ------------------------------------------------------------------------------------------------
-# stage 1: the machine report (runs in its own process: `machine_main`)
-
-def torch_facts(with_gpu):
-    """PyTorch's version (and its CUDA, and whether it sees the GPU), or why it did not import."""
-    try:
-        import torch
-    except Exception as error:          # torch is optional: a missing or broken one is a fact, not a failure
-        return dict(torch="not importable", torch_error=f"{type(error).__name__}: {error}")
-    facts = dict(torch=torch.__version__, torch_cuda=torch.version.cuda)
-    if with_gpu:
-        facts["torch_sees_gpu"] = bool(torch.cuda.is_available())
-    return facts
-
-
-def cupy_facts_if_any():
-    """CuPy's version, or that it is not installed or not importable (and why)."""
-    if importlib.util.find_spec("cupy") is None:
-        return dict(cupy="not installed")
-    try:
-        import cupy
-    except Exception as error:
-        return dict(cupy="not importable", cupy_error=f"{type(error).__name__}: {error}")
-    return dict(cupy=cupy.__version__)
-
-
-def machine_report(dry_run):
-    """(facts, problem): what this machine is, and why it cannot run the GPU path (None if it can, or in a dry run)."""
-    import numpy
-    facts = dict(dry_run=dry_run, cpu=cpu_name(), cpu_count=os.cpu_count(), python=platform.python_version(),
-                 numpy=numpy.__version__, platform=platform.platform())
-    problem = None
-    if dry_run:
-        facts.update(cupy_facts_if_any())
-    else:
-        try:
-            facts["nvidia_driver"] = nvidia_driver_version()    # known even where CuPy does not import
-            import cupy
-            add_gpu_facts(facts, cupy)
-            from scratchvit.backend import get_backend
-            get_backend("gpu")          # scratchvit's own check: CuPy compiles and runs a kernel on the device
-        except Exception as error:
-            problem = f"{type(error).__name__}: {error}"
-            if "cupy" not in facts:
-                facts.update(cupy_facts_if_any())
-    facts.update(torch_facts(with_gpu=not dry_run))
-    return facts, problem
-
-
-def machine_main(dry_run):
-    """Print the machine report, one fact a line, then as one JSON line; exit status 1 if the GPU is unusable."""
-    facts, problem = machine_report(dry_run)
-    print("dry run: every stage on the CPU, tiny sizes" if dry_run else "GPU run")
-    for key, value in facts.items():
-        print(f"{key}: {value}")
-    if problem:
-        print(f"error: the GPU path cannot run here: {problem}")
-    print(json.dumps(dict(facts, problem=problem)))
-    return 1 if problem else 0
-
-
-# ------------------------------------------------------------------------------------------------
-# the inference stage: `predict` and the demo's inference on two devices (runs in its own process)
-
-def first_test_digits(data_dir, count=INFERENCE_IMAGES):
-    """The first `count` MNIST test images, (count, 28, 28) uint8, light ink on dark."""
-    from scratchvit.data import read_idx
-    folder = Path(data_dir)
-    name = MNIST_FILES["test_images"]
-    path = folder / name if (folder / name).is_file() else folder / (name + ".gz")
-    return read_idx(path, ndim=3)[:count]
-
-
-def predict_command_rows(checkpoint, paths, device):
-    """(K,) probabilities per image, as `python -m scratchvit.predict --device DEVICE --json` prints them."""
-    import contextlib
-    import io
-    from scratchvit.predict import main as predict_main
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        status = predict_main(["--checkpoint", str(checkpoint), "--device", device, "--json", *map(str, paths)])
-    if status != 0:
-        raise RuntimeError(f"predict --device {device} exited with status {status}")
-    return [record["probabilities"] for record in parse_json_objects(printed.getvalue())]
-
-
-def demo_rows(checkpoint, digits, device):
-    """(K,) probabilities per image from the demo's inference (scratchvit.demo.api.Demo) on `device`."""
-    from scratchvit.demo.api import Demo
-    from scratchvit.predict import load_trained_model
-    model, _ = load_trained_model(checkpoint, device)
-    demo = Demo(model)
-    return [demo.predict(digit)["probabilities"] for digit in digits]
-
-
-def compare_rows(reference, other, tolerance=PROBABILITY_TOLERANCE):
-    """{"images", "same_digits", "digit_mismatches", "max_probability_difference", "passed"}: `other`'s rows
-    against `reference`'s. A digit that differs is a failure unless the reference's two most probable
-    classes lie within `tolerance` of each other (a tie, which rounding may break either way)."""
-    import numpy
-    reference, other = numpy.asarray(reference, dtype=float), numpy.asarray(other, dtype=float)
-    if reference.shape != other.shape or reference.size == 0:
-        return dict(images=len(other), same_digits=False, digit_mismatches=None, max_probability_difference=None,
-                    passed=False)
-    difference = float(numpy.max(numpy.abs(reference - other)))
-    top_two = numpy.sort(reference, axis=1)[:, -2:]
-    mismatched = reference.argmax(axis=1) != other.argmax(axis=1)
-    real = mismatched & (top_two[:, 1] - top_two[:, 0] > tolerance)
-    return dict(images=len(reference), same_digits=not mismatched.any(), digit_mismatches=int(real.sum()),
-                max_probability_difference=difference, passed=bool(difference <= tolerance and not real.any()))
-
-
-def inference_main(checkpoint, data_dir, reference_device="cpu", device="gpu", count=INFERENCE_IMAGES):
-    """Classify the first test digits with `predict` (the command, on PNG files) and with the demo's inference,
-    on both devices; print one JSON line {"inference": {...}}; exit status 1 where they disagree."""
-    import tempfile
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        print(f"error: no checkpoint at {checkpoint}: the train stage wrote none")
-        return 1
-    from PIL import Image
-    digits = first_test_digits(data_dir, count)
-    with tempfile.TemporaryDirectory(prefix="scratchvit-inference-") as folder:
-        paths = []
-        for index, digit in enumerate(digits):
-            paths.append(Path(folder) / f"digit-{index:02d}.png")
-            Image.fromarray(digit).save(paths[-1])
-        predicted = {name: predict_command_rows(checkpoint, paths, name) for name in (reference_device, device)}
-    demo = {name: demo_rows(checkpoint, digits, name) for name in (reference_device, device)}
-    result = dict(devices=[reference_device, device], tolerance=PROBABILITY_TOLERANCE,
-                  predict=compare_rows(predicted[reference_device], predicted[device]),
-                  demo=compare_rows(demo[reference_device], demo[device]))
-    result["passed"] = result["predict"]["passed"] and result["demo"]["passed"]
-    for name in ("predict", "demo"):
-        figures = result[name]
-        print(f"{name}: {figures['images']} digits on {reference_device} and {device}: same digits "
-              f"{figures['same_digits']}, largest probability difference {figures['max_probability_difference']}")
-    print(json.dumps(dict(inference=result)))
-    return 0 if result["passed"] else 1
-
-
-# ------------------------------------------------------------------------------------------------
-# the MPI stage: is there an MPI runtime?
-
-def find_mpiexec():
-    """mpiexec beside this Python (the mpich wheel's) or on PATH, or None."""
-    beside_python = Path(sys.executable).parent / "mpiexec"
-    return str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
-
-
-def mpi_runtime_problem():
-    """None where mpi4py is installed and mpiexec found, else why not (a few words)."""
-    if importlib.util.find_spec("mpi4py") is None:
-        return "mpi4py is not installed"
-    if find_mpiexec() is None:
-        return "no mpiexec"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# reading what the stages printed
-
-_COUNT = r"\d+ (?:passed|failed|skipped|deselected|errors?|warnings?|xfailed|xpassed|rerun)"
-_SUMMARY_LINE = re.compile(rf"^=*\s*(?P<counts>{_COUNT}(?:, {_COUNT})*|no tests ran)(?:\s+in\s+[\d.]+s\b.*?)?\s*=*\s*$")
-_SKIP_LINE = re.compile(r"^SKIPPED \[(?P<count>\d+)\] \S+: (?P<reason>.*)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-PYTEST_KEYS = ("passed", "failed", "skipped", "errors", "deselected", "xfailed", "xpassed", "warnings")
-
-
-def parse_pytest_summary(text):
-    """The counts of pytest's last summary line ("3 passed, 2 skipped in 1.2s", "no tests ran in 0.01s") as
-    {passed, failed, skipped, errors, deselected, xfailed, xpassed, warnings}, absent ones 0; None without one."""
-    for line in reversed(_ANSI.sub("", text).splitlines()):
-        match = _SUMMARY_LINE.match(line.strip())
-        if match is None:
-            continue
-        counts = dict.fromkeys(PYTEST_KEYS, 0)
-        for number, word in re.findall(r"(\d+) (\w+)", match["counts"]):
-            key = {"error": "errors", "warning": "warnings"}.get(word, word)
-            counts[key] = counts.get(key, 0) + int(number)
-        return counts
-    return None
-
-
-def count_no_gpu_skips(text):
-    """How many tests pytest's -rs lines ("SKIPPED [3] tests/x.py:12: reason") say skipped for want of a GPU."""
-    total = 0
-    for line in _ANSI.sub("", text).splitlines():
-        match = _SKIP_LINE.match(line.strip())
-        if match and NO_GPU_SKIP.search(match["reason"]):
-            total += int(match["count"])
-    return total
-
-
-def parse_json_objects(text):
-    """Every JSON object that starts a line's first "{" (text after it on the line, such as a stray
-    stderr line glued to it, is ignored), in order."""
-    decoder = json.JSONDecoder()
-    objects = []
-    for line in text.splitlines():
-        start = line.find("{")
-        if start < 0:
-            continue
-        try:
-            value, _ = decoder.raw_decode(line, start)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            objects.append(value)
-    return objects
-
-
-def read_metrics(path):
-    """The per-epoch records of a metrics.jsonl. A missing file gives []; a line cut short by a kill is skipped."""
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return []
-    return [record for record in parse_json_objects(text) if "epoch" in record]
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def training_figures(records, target=TARGET_ACCURACY):
-    """The first epoch at or above `target` test accuracy (and its wall_seconds), and the final accuracy."""
-    reached = next((record for record in records
-                    if _is_number(record.get("test_accuracy")) and record["test_accuracy"] >= target), {})
-    last = records[-1] if records else {}
-    return dict(epochs=len(records), target_accuracy=target, target_epoch=reached.get("epoch"),
-                target_wall_seconds=reached.get("wall_seconds"), final_epoch=last.get("epoch"),
-                final_accuracy=last.get("test_accuracy"), final_wall_seconds=last.get("wall_seconds"))
-
-
-def bench_figures(report, batch_size):
-    """The table's figures from a bench JSON report. Every key is read defensively: absent ones are None."""
-    report = report or {}
-    results = report.get("results") if isinstance(report.get("results"), dict) else {}
-
-    def library(name):
-        result = results.get(name) if isinstance(results.get(name), dict) else {}
-        memory = result.get("memory") if isinstance(result.get("memory"), dict) else {}
-        work = result.get("gpu_operations") if isinstance(result.get("gpu_operations"), dict) else {}
-        return dict(images_per_second=result.get("img_per_s"), median_ms=result.get("median_ms"),
-                    kernels_per_step=result.get("kernels_per_step"), kernel_ms=work.get("kernel_ms"),
-                    profiled_step_ms=work.get("profiled_step_ms"), kernel_share=work.get("kernel_share"),
-                    bound=work.get("bound"),
-                    peak_bytes=memory.get("peak_bytes", result.get("peak_bytes")),
-                    used_bytes=memory.get("used_bytes", result.get("used_bytes")))
-
-    machine = report.get("machine") if isinstance(report.get("machine"), dict) else {}
-    return dict(batch_size=batch_size, ratio=report.get("ratio"), device=report.get("device"),
-                gpu=machine.get("gpu"), scratchvit=library("scratchvit"),
-                torch=library("torch") if "torch" in results else None)
-
-
-# ------------------------------------------------------------------------------------------------
-# judging a stage: judge(outcome) -> (figures, problems); the stage passes when it exited 0, in time,
-# and its judge found no problem
-
-@dataclasses.dataclass
-class Outcome:
-    """What a stage's process did."""
-    returncode: object          # int, or None if it never started
-    timed_out: bool
-    seconds: float
-    log_text: str
-    start_error: object = None  # why it could not be started, or None
-
-
-def judge_machine(outcome):
-    reports = [obj for obj in parse_json_objects(outcome.log_text) if "python" in obj]
-    if not reports:
-        return {}, ["no machine report in the log"]
-    facts = reports[-1]
-    return facts, [f"GPU unusable: {facts['problem']}"] if facts.get("problem") else []
-
-
-def judge_pytest(outcome, *, dry_run):
-    counts = parse_pytest_summary(outcome.log_text)
-    if counts is None:
-        return {}, ["no pytest summary line in the log"]
-    figures = dict(counts, no_gpu_skips=count_no_gpu_skips(outcome.log_text))
-    problems = []
-    if counts["failed"] or counts["errors"]:
-        problems.append(f"{counts['failed']} failed, {counts['errors']} errors")
-    if not dry_run and counts["passed"] == 0:
-        problems.append("no test passed")
-    if not dry_run and figures["no_gpu_skips"]:
-        problems.append(f"{figures['no_gpu_skips']} skipped for want of a GPU")
-    return figures, problems
-
-
-def judge_equivalence(outcome):
-    comparisons = [obj for obj in parse_json_objects(outcome.log_text) if "dtype" in obj]
-    figures = {str(obj["dtype"]): dict(passed=obj.get("passed"), loss_error=obj.get("loss_error"),
-                                       parameter_error=obj.get("parameter_error"), logits_error=obj.get("logits_error"),
-                                       worst_parameter=obj.get("worst_parameter"), tolerance=obj.get("tolerance"))
-               for obj in comparisons}
-    if not figures:
-        return {}, ["no comparison in the log"]
-    failed = [dtype for dtype, figure in figures.items() if figure["passed"] is not True]
-    return figures, [f"{dtype}: outside the tolerance" for dtype in failed]
-
-
-def judge_bench(outcome, *, batch_size, torch_expected):
-    reports = [obj for obj in parse_json_objects(outcome.log_text) if "results" in obj]
-    if not reports:
-        return bench_figures(None, batch_size), ["no benchmark report in the log"]
-    figures = bench_figures(reports[-1], batch_size)
-    if torch_expected and figures["torch"] is None:
-        return figures, ["no PyTorch figures (torch does not import here, or its part of the run failed: see the log)"]
-    return figures, []
-
-
-def judge_inference(outcome):
-    reports = [obj["inference"] for obj in parse_json_objects(outcome.log_text)
-               if isinstance(obj.get("inference"), dict)]
-    if not reports:
-        return {}, ["no inference comparison in the log"]
-    figures = reports[-1]
-    problems = [f"{name}: outside the tolerance {figures.get('tolerance')} or other digits"
-                for name in ("predict", "demo") if (figures.get(name) or {}).get("passed") is not True]
-    return figures, problems
-
-
-def judge_mpi(outcome, *, exchange):
-    reports = [obj for obj in parse_json_objects(outcome.log_text) if "results" in obj]
-    mpi = reports[-1].get("mpi") if reports and isinstance(reports[-1].get("mpi"), dict) else None
-    if mpi is None:
-        return {}, ["no MPI benchmark report in the log"]
-    result = (reports[-1].get("results") or {}).get("scratchvit") or {}
-    figures = dict(ranks=mpi.get("ranks"), exchange=mpi.get("exchange"),
-                   exchange_median_ms=mpi.get("exchange_median_ms"), exchange_share=mpi.get("exchange_share"),
-                   images_per_second=result.get("img_per_s"))
-    problems = []
-    if figures["ranks"] != 2:
-        problems.append(f"ran on {figures['ranks']} ranks, not 2")
-    if exchange is not None and figures["exchange"] != exchange:
-        problems.append(f"exchanged gradients by {figures['exchange']}, not {exchange}")
-    return figures, problems
-
-
-def judge_training(outcome, *, metrics_path):
-    records = read_metrics(metrics_path)
-    figures = dict(training_figures(records), process_seconds=outcome.seconds, metrics=str(metrics_path))
-    return figures, [] if records else [f"no epoch recorded in {metrics_path}"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +112,7 @@ def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=N
         mpi_problem = mpi_runtime_problem()
     limits = STAGE_LIMITS
     device = "cpu" if dry_run else "gpu"
-    machine_code = ("import sys; from tools.gpu_acceptance import machine_main; "
+    machine_code = ("import sys; from tools.acceptance_probes import machine_main; "
                     f"sys.exit(machine_main(dry_run={bool(dry_run)}))")
     # pytest's exit status 5 is "no tests collected": a module skipped whole (test_fused_compiles.py without CuPy).
     # judge_pytest judges that by the counts: fine in a dry run, "no test passed" in a GPU run.
@@ -508,7 +151,7 @@ def build_stages(data_dir, work_dir, *, dry_run, python=None, torch_importable=N
     stages.append(Stage("train", "train", train, *limits["train"],
                         functools.partial(judge_training, metrics_path=metrics_path),
                         prepare=functools.partial(remove_files, metrics_path, checkpoint)))
-    inference_code = ("import sys; from tools.gpu_acceptance import inference_main; "
+    inference_code = ("import sys; from tools.acceptance_probes import inference_main; "
                       f"sys.exit(inference_main({str(checkpoint)!r}, {str(data_dir)!r}, 'cpu', {device!r}))")
     stages.append(Stage("inference", "inference", [python, "-c", inference_code], *limits["inference"],
                         judge_inference))
@@ -653,172 +296,6 @@ def append_stage_log(combined, heading, stage_log, keep=LOG_KEEP_BYTES):
                 + data[-tail:])
     with open(combined, "ab") as log:
         log.write(f"\n{'=' * 20} {heading} {'=' * 20}\n".encode() + data)
-
-
-# ------------------------------------------------------------------------------------------------
-# the summary: JSON, the table, Markdown
-
-def _fmt(value, spec, suffix=""):
-    return format(value, spec) + suffix if _is_number(value) else "n/a"
-
-
-def _bytes(value):
-    if not _is_number(value):
-        return "n/a"
-    return f"{value / 2 ** 30:.2f} GiB" if value >= 2 ** 30 else f"{value / 2 ** 20:.1f} MiB"
-
-
-def _integer(value):
-    return str(int(value)) if _is_number(value) else "n/a"
-
-
-def machine_text(figures):
-    def fact(key):
-        return figures.get(key) or "n/a"
-    versions = f"cupy {fact('cupy')}, numpy {fact('numpy')}, torch {fact('torch')}"
-    if figures.get("dry_run"):
-        return f"dry run on the CPU: {fact('cpu')} ({fact('cpu_count')} CPUs); {versions}"
-    if "gpu" in figures:
-        gpu = f"{figures['gpu']} ({_bytes(figures.get('gpu_memory_bytes'))}, sm_{fact('gpu_compute_capability')})"
-    else:
-        gpu = f"no GPU ({figures.get('problem') or 'not found'})"
-    return (f"{gpu}; driver {fact('nvidia_driver')}, CUDA runtime {fact('cuda_runtime')} "
-            f"(driver supports {fact('cuda_driver')}); {versions}")
-
-
-def pytest_text(figures):
-    text = ", ".join(f"{figures.get(key, 0)} {key}" for key in ("passed", "failed", "errors", "skipped"))
-    return text + (f" ({figures['no_gpu_skips']} for no GPU)" if figures.get("no_gpu_skips") else "")
-
-
-def equivalence_text(figures):
-    return "; ".join(f"{dtype} loss {_fmt(entry.get('loss_error'), '.1e')}, "
-                     f"params {_fmt(entry.get('parameter_error'), '.1e')}, "
-                     f"logits {_fmt(entry.get('logits_error'), '.1e')}: "
-                     + ("ok" if entry.get("passed") is True else "FAILED")
-                     for dtype, entry in figures.items())
-
-
-def bound_text(library):
-    """`launch-bound (kernels 4.1 of 9.8 ms)` for one library's bench figures, or n/a."""
-    if not library.get("bound"):
-        return "n/a"
-    return (f"{library['bound']} (kernels {_fmt(library.get('kernel_ms'), '.1f')} of "
-            f"{_fmt(library.get('profiled_step_ms'), '.1f')} ms)")
-
-
-def bench_text(figures):
-    scratch, torch = figures.get("scratchvit") or {}, figures.get("torch") or {}
-    return (f"batch {figures.get('batch_size', 'n/a')}: "
-            f"scratchvit {_fmt(scratch.get('images_per_second'), ',.0f')} img/s, "
-            f"torch {_fmt(torch.get('images_per_second'), ',.0f')} img/s, ratio {_fmt(figures.get('ratio'), '.2f')}; "
-            f"kernels/step {_integer(scratch.get('kernels_per_step'))} "
-            f"vs {_integer(torch.get('kernels_per_step'))}; "
-            f"scratchvit {bound_text(scratch)}, torch {bound_text(torch)}; "
-            f"scratchvit peak {_bytes(scratch.get('peak_bytes'))}")
-
-
-def inference_text(figures):
-    devices = " vs ".join(figures.get("devices") or ["n/a"])
-    parts = []
-    for name in ("predict", "demo"):
-        entry = figures.get(name) or {}
-        parts.append(f"{name} {_integer(entry.get('images'))} digits "
-                     f"{'same' if entry.get('same_digits') else 'DIFFER'}, "
-                     f"max |dp| {_fmt(entry.get('max_probability_difference'), '.1e')}")
-    return f"{devices}: " + "; ".join(parts) + f" (tolerance {_fmt(figures.get('tolerance'), '.0e')})"
-
-
-def mpi_text(figures):
-    if figures.get("skipped"):
-        return f"skipped: {figures['skipped']}"
-    return (f"{_integer(figures.get('ranks'))} ranks, {figures.get('exchange') or 'n/a'} exchange "
-            f"{_fmt(figures.get('exchange_median_ms'), '.2f', ' ms')} per step "
-            f"({_fmt(figures.get('exchange_share'), '.0%')} of it), "
-            f"{_fmt(figures.get('images_per_second'), ',.0f')} img/s")
-
-
-def train_text(figures):
-    process = f"process {_fmt(figures.get('process_seconds'), '.1f', ' s')}"
-    epochs = figures.get("epochs", 0)
-    if not epochs:
-        return f"no epoch recorded; {process}"
-    target = _fmt(figures.get("target_accuracy"), ".0%")
-    if figures.get("target_epoch") is not None:
-        seconds = _fmt(figures.get("target_wall_seconds"), ".1f", " s")
-        reached = f"{target} at epoch {figures['target_epoch']} ({seconds})"
-    else:
-        reached = f"{target} not reached"
-    final = f"final {_fmt(figures.get('final_accuracy'), '.2%')} after {epochs} epoch{'' if epochs == 1 else 's'}"
-    return f"{reached}; {final}; {process}"
-
-
-FIGURE_TEXTS = dict(machine=machine_text, pytest=pytest_text, equivalence=equivalence_text, bench=bench_text,
-                    train=train_text, inference=inference_text, mpi=mpi_text)
-
-
-def figures_text(stage):
-    """The key figures of a stage result (an entry of summary.json's "stages") in one line."""
-    figures = stage.get("figures") or {}
-    if not figures:
-        return "n/a"
-    if stage.get("status") == "skipped":
-        return f"skipped: {figures.get('skipped')}"
-    text = FIGURE_TEXTS.get(stage.get("kind"))
-    return text(figures) if text else json.dumps(figures)[:200]
-
-
-def verdict_line(summary):
-    stages = summary["stages"]
-    failed = [stage["name"] for stage in stages if stage["status"] not in ("passed", "skipped")]
-    if summary.get("interrupted"):
-        return f"INTERRUPTED after {len(stages)} stage(s) (exit {summary['exit_status']})"
-    if failed:
-        return f"FAILED: {len(failed)} of {len(stages)} stages ({', '.join(failed)}) (exit {summary['exit_status']})"
-    skipped = sum(stage["status"] == "skipped" for stage in stages)
-    ran = (f"all {len(stages)} stages" if not skipped
-           else f"{len(stages) - skipped} of {len(stages)} stages, {skipped} skipped")
-    return f"PASSED: {ran} (exit {summary['exit_status']})"
-
-
-def format_table(summary):
-    """The text table printed last: one row per stage, then the verdict."""
-    rows = [("stage", "status", "seconds", "key figures")]
-    rows += [(stage["name"], stage["status"], f"{stage['seconds']:.1f}", figures_text(stage))
-             for stage in summary["stages"]]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    lines = [f"{name:<{widths[0]}}  {status:<{widths[1]}}  {seconds:>{widths[2]}}  {figures}"
-             for name, status, seconds, figures in rows]
-    if any(stage["kind"] == "bench" for stage in summary["stages"]):
-        lines.append("(bench: ratio = scratchvit / torch median ms per step, below 1 = scratchvit faster; "
-                     "kernels/step = GPU kernels one step runs, scratchvit vs torch; launch-bound = the kernels "
-                     "fill less than 80% of a traced step's wall time, compute-bound = at least 80%)")
-    mode = "dry run (CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
-    lines.append(f"{mode}, {summary['seconds']:.0f} s in all: {verdict_line(summary)}")
-    return "\n".join(lines)
-
-
-def format_markdown(summary):
-    mode = "dry run (every stage on the CPU, tiny sizes)" if summary["dry_run"] else "GPU run"
-    lines = [f"# scratchvit GPU acceptance: {verdict_line(summary)}", "",
-             f"{mode}, started {summary['started']}, {summary['seconds']:.0f} s in all. Every stage's output: "
-             f"`{summary['log']}`, one section per stage.", "",
-             "| stage | status | seconds | key figures |", "|---|---|---|---|"]
-    for stage in summary["stages"]:
-        figures = figures_text(stage).replace("|", "\\|")
-        lines.append(f"| {stage['name']} | {stage['status']} | {stage['seconds']:.1f} | {figures} |")
-    for stage in summary["stages"]:
-        if stage["status"] not in ("passed", "skipped"):
-            lines += ["", f"## {stage['name']}: {stage['status']}", "", "; ".join(stage["problems"]), "",
-                      f"`{stage['command']}`, last lines of its log:", "", "```", *stage["log_tail"], "```"]
-    lines += ["", "## Commands", ""] + [f"- {stage['name']} (timeout {stage['timeout']:.0f} s): `{stage['command']}`"
-                                        for stage in summary["stages"]]
-    return "\n".join(lines) + "\n"
-
-
-def write_summary(out_dir, summary):
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / "summary.md").write_text(format_markdown(summary))
 
 
 # ------------------------------------------------------------------------------------------------
