@@ -441,3 +441,28 @@ def test_the_torch_reference_is_found_in_a_checkout_only(tmp_path):
     reference = bench.load_torch_reference()                              # this checkout's, beside the package
     assert reference is not None and callable(reference.torch_vit) and callable(reference.TorchTrainStep)
     assert bench.load_torch_reference(roots=[REPO_ROOT]) is reference     # imported once per process
+
+
+def test_cuda_version_text():
+    assert machine.cuda_version(lambda: 12080) == "12.8" and machine.cuda_version(lambda: 13000) == "13.0"
+    assert machine.cuda_version(lambda: 0) == "none"                   # no driver
+
+    def unreadable():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    assert machine.cuda_version(unreadable) is None
+
+
+def test_gpu_facts_keep_what_was_learnt_before_a_failure(monkeypatch):
+    """A driver too old for CuPy's CUDA fails at the device: the versions read before it stay in the facts."""
+    monkeypatch.setattr(machine, "nvidia_driver_version", lambda: "535.0")
+    cupy = fake_gpu_backend(lambda: 12020).xp
+
+    def no_device(device):
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    cupy.cuda.runtime.getDeviceProperties = no_device
+    facts = {}
+    with pytest.raises(RuntimeError, match="InsufficientDriver"):
+        machine.add_gpu_facts(facts, cupy)
+    assert facts == dict(nvidia_driver="535.0", cupy="14.2.0", cuda_runtime="12.6", cuda_driver="12.2", gpu_count=1)
