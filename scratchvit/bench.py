@@ -34,10 +34,10 @@ from .cpu_threads import keep_freed_host_memory
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .gpu_trace import gpu_work, torch_for_launch_counting
 from .layers import SoftmaxCrossEntropy
+from .machine import machine_info
 from .optim import AdamW
 from .train import TrainConfig, parameter_groups
 from .train_step import TrainStep
-from .machine import machine_info
 from .vit import ViT
 
 BENCH_BATCH_SIZE = 128   # the batch of the PyTorch reference figures in the README, and the training's
