@@ -89,10 +89,10 @@ def add_gpu_facts(facts, cupy):
 def machine_info(backend, torch=None):
     """The benchmark's `machine` facts: processor, cores, platform, Python, NumPy and its BLAS, the thread
     variables set; on the GPU the GPU facts; with torch its version, threads (and CUDA on the GPU)."""
+    thread_variables = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     info = dict(processor=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), numpy=numpy.__version__, blas=blas_name(),
-                thread_environment={name: os.environ[name] for name in
-                                    ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if name in os.environ})
+                thread_environment={name: os.environ[name] for name in thread_variables if name in os.environ})
     if hasattr(os, "sched_getaffinity"):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     if backend.name == "gpu":

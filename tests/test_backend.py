@@ -1,5 +1,5 @@
-"""scratchvit.backend and scratchvit.cupy_check: choosing a device, the message when the GPU cannot be used, array modules,
-host transfer and seeded generators."""
+"""scratchvit.backend and scratchvit.cupy_check: choosing a device, the message when the GPU cannot be used,
+array modules, host transfer and seeded generators."""
 import configparser
 import pathlib
 import sys

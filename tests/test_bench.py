@@ -255,7 +255,8 @@ class FakeTorch:
 
 
 def test_kernel_milliseconds_sums_the_kernels_only():
-    assert gpu_trace.kernel_milliseconds([fake_event(*event) for event in TRACE]) == pytest.approx(2.0)   # 250+1000+750 us
+    events = [fake_event(*event) for event in TRACE]
+    assert gpu_trace.kernel_milliseconds(events) == pytest.approx(2.0)   # 250+1000+750 us
     assert gpu_trace.kernel_milliseconds([]) == 0.0
 
 
@@ -382,7 +383,8 @@ def test_gpu_work_line_per_library():
     results = {"scratchvit": dict(label="scratchvit", gpu_operations=dict(
                    kernels=812, memcpy=3, memset=0, total=815, kernel_ms=4.2, profiled_step_ms=10.5,
                    kernel_share=0.4, bound="launch-bound", reason=None)),
-               "torch": dict(label="torch 2.13", gpu_operations=dict(gpu_trace.NOT_COUNTED, reason="tracing failed: X"))}
+               "torch": dict(label="torch 2.13",
+                             gpu_operations=dict(gpu_trace.NOT_COUNTED, reason="tracing failed: X"))}
     assert bench._gpu_work_text(results) == (
         "GPU work per step: scratchvit 812 kernels (+3 memcpy, +0 memset), 4.20 ms in kernels of a 10.50 ms traced "
         "step (40%): launch-bound; torch 2.13 n/a (tracing failed: X)")

@@ -26,7 +26,7 @@ from scratchvit.data import MNIST_FILES, write_idx
 from tools import acceptance_judging, acceptance_probes, gpu_acceptance
 from tools.acceptance_judging import (bench_figures, count_no_gpu_skips, judge_mpi, judge_pytest, parse_json_objects,
                                       parse_pytest_summary, training_figures)
-from tools.acceptance_probes import compare_rows
+from tools.acceptance_probes import INFERENCE_IMAGES, compare_rows
 from tools.acceptance_report import figures_text, format_table
 from tools.gpu_acceptance import Stage, build_stages, main, run_acceptance, stage_timeout
 
@@ -111,7 +111,7 @@ def test_dry_run_summary_has_the_figures(dry_run):
     inference = figures["inference"]
     assert inference["devices"] == ["cpu", "cpu"] and inference["passed"] is True
     for name in ("predict", "demo"):
-        assert inference[name]["images"] == acceptance_probes.INFERENCE_IMAGES and inference[name]["same_digits"] is True
+        assert inference[name]["images"] == INFERENCE_IMAGES and inference[name]["same_digits"] is True
         assert inference[name]["max_probability_difference"] == 0.0          # the CPU against itself
     if MPI_HERE:
         assert figures["mpi"]["ranks"] == 2 and figures["mpi"]["exchange"] == "mpi"
