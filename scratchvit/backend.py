@@ -1,14 +1,15 @@
-"""The array-module abstraction: NumPy on the CPU, CuPy on the GPU.
+"""The array module: NumPy on the CPU, CuPy on the GPU, chosen and moved between here.
 
-Everything that differs between NumPy and CuPy lives here, so no layer file imports either:
+What a layer, the optimizer or the data pipeline needs to run on either device, so no layer file
+imports NumPy or CuPy for array math:
 
 - which module an array belongs to (`get_array_module`, like `cupy.get_array_module`);
 - seedable random generators on an array's device (`random_generator`), and one whose state a
   checkpoint can hold on CuPy too (`ReplayableGenerator`);
 - host <-> device transfer (`Backend.asarray`, `to_host`);
 - waiting for the device (`Backend.synchronize`);
-- whether the GPU can be used at all (`get_backend("gpu")`, through `cupy_or_error`): CuPy installed,
-  a CUDA device visible, and CuPy able to compile and run kernels there, checked once per process.
+- choosing the device (`get_backend`); whether the GPU can be used at all is cupy_check.py's
+  question (CuPy installed, a CUDA device visible, kernels compile and run), asked once per process.
 
 Layers take the array module from their input or their parameters, never from a global switch:
 
@@ -16,21 +17,13 @@ Layers take the array module from their input or their parameters, never from a 
 
 so the same layer code runs on either device, and a GPU run cannot silently fall back to the CPU.
 """
-import ctypes
 import sys
 
 import numpy
 
+from .cupy_check import GPU_INSTALL_HINT, BackendUnavailable, cupy_or_error  # noqa: F401 (re-exported)
+
 host = numpy   # the host's array module: weights are created here, then moved with Backend.asarray
-
-# Both extras bring CuPy 14 with NVIDIA's CUDA components from pip (runtime, NVRTC and its headers,
-# cuBLAS, ...), so only the driver is needed; `nvidia-smi` shows which CUDA version the driver supports.
-GPU_INSTALL_HINT = ('pip install "scratchvit[gpu]" for CUDA 12 drivers or "scratchvit[gpu-cuda13]" for CUDA 13 '
-                    "(CuPy with NVIDIA's CUDA components)")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested device cannot be used here; the message is one line saying why and what to install."""
 
 
 def get_array_module(*arrays):
@@ -156,160 +149,6 @@ class Backend:
 
     def __repr__(self):
         return f"Backend({self.name!r})"
-
-
-def keep_freed_host_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees the same large temporaries (a few MB each) every step.
-    By default glibc returns freed memory at the top of the heap to the OS and serves big requests
-    with fresh mmap()s, so every step page-faults all of that memory in again: on a small ViT this
-    costs a fifth of the CPU step time, most of it in LayerNorm. With these settings freed memory
-    stays in the process (the heap grows to the step's peak and stays: about 190 MiB of temporaries
-    at batch 128, 95 MiB at batch 64, as `python -m scratchvit.bench` reports).
-    Called by the training loop and the benchmark on the CPU; the library does not call it on
-    import. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 256 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30)
-                and mallopt(M_TOP_PAD, 64 << 20))
-
-
-_blas_thread_limiter = []   # [function or None], found once
-
-
-def _find_blas_thread_limiter():
-    """OpenBLAS's `openblas_set_num_threads_local` (OpenBLAS >= 0.3.27, as in NumPy's own wheels), or None."""
-    import glob
-    import os
-    package = os.path.dirname(numpy.__file__)
-    candidates = glob.glob(os.path.join(package, "..", "numpy.libs", "*openblas*"))
-    candidates += glob.glob(os.path.join(package, ".dylibs", "*openblas*"))
-    for path in candidates:
-        try:
-            return getattr(ctypes.CDLL(path), "openblas_set_num_threads_local")
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
-def can_limit_blas_threads():
-    """True where `limit_blas_to_one_thread_here` works (NumPy on OpenBLAS >= 0.3.27)."""
-    if not _blas_thread_limiter:
-        _blas_thread_limiter.append(_find_blas_thread_limiter())
-    return _blas_thread_limiter[0] is not None
-
-
-def limit_blas_to_one_thread_here():
-    """Make BLAS calls from the calling thread use one thread, leaving other threads' setting alone.
-
-    Worker threads that each compute on part of a batch call this, so that two workers on two cores
-    do not each start a BLAS thread pool of two (four busy threads on two cores is far slower).
-    """
-    limit_blas_threads_here(1)
-
-
-def limit_blas_threads_here(count):
-    """Make BLAS calls from the calling thread use at most `count` threads (other threads keep theirs).
-
-    An MPI rank calls this on its main thread with its share of the node's cores (distributed.py), so
-    that two ranks on two cores do not each run a BLAS pool as wide as the machine."""
-    if not can_limit_blas_threads():
-        raise RuntimeError("this NumPy's BLAS cannot limit its threads per calling thread")
-    _blas_thread_limiter[0](int(count))
-
-
-_kernel_check = {}   # {"cupy": the module checked, "failure": None or the one-line reason}: one check per process
-
-# The two kinds of kernel scratchvit/fused.py builds. CuPy compiles them differently: an ElementwiseKernel's
-# source is wrapped in CuPy's own headers, which include the CUDA toolkit's (cuda_fp16.h), while a
-# RawKernel is compiled as written. So one can compile where the other cannot, and both are tried.
-_PROBE_ELEMENTWISE = ("T x", "T y", "y = x + 1", "scratchvit_probe_add_one")
-_PROBE_RAW_NAME = "scratchvit_probe_double"   # y = 2 x, one thread per element
-_PROBE_RAW_SOURCE = r"""
-extern "C" __global__ void scratchvit_probe_double(const float* x, float* y, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = 2.0f * x[i];
-}
-"""
-
-
-def _kernel_check_failure(cupy):
-    """None if CuPy compiles and runs a tiny ElementwiseKernel and RawKernel correctly, else why not (one line).
-
-    What fails here when CuPy's CUDA components are incomplete, as CuPy 13.6 and 14.2 raise it:
-    - NVRTC's library not found: RuntimeError "CuPy failed to load libnvrtc.so.12: ..." (CuPy 13,
-      cupy_backends/cuda/_softlink.pyx) or cuda.pathfinder's DynamicLibNotFoundError, a RuntimeError
-      (CuPy 14, cupy_backends/cuda/libs/_cnvrtc.pxi);
-    - the CUDA headers not found: RuntimeError "Failed to find CUDA headers. ..." (CuPy 14) or "Failed to
-      auto-detect CUDA root directory. ..." (CuPy 13), both from cupy/_core/core.pyx; or, where CuPy 13
-      takes a folder without headers for the toolkit, NVRTC's own error, cupy.cuda.compiler.CompileException
-      '...carray.cuh(57): catastrophic error: cannot open source file "cuda_fp16.h"';
-    - loading or launching on the device: CUDADriverError (cupy_backends/cuda/api/driver.pyx) or
-      CUDARuntimeError (runtime.pyx), both RuntimeErrors;
-    - the on-disk kernel cache (~/.cupy/kernel_cache) not writable: OSError.
-    Any other exception is a bug here, not a property of the machine, and propagates.
-    """
-    numpy_x = numpy.arange(8, dtype=numpy.float32)
-    try:
-        x = cupy.asarray(numpy_x)
-        add_one = cupy.ElementwiseKernel(*_PROBE_ELEMENTWISE)
-        plus_one = cupy.asnumpy(add_one(x))
-        double = cupy.RawKernel(_PROBE_RAW_SOURCE, _PROBE_RAW_NAME)
-        doubled = cupy.empty_like(x)
-        double((2,), (4,), (x, doubled, numpy.int32(x.size)))   # 2 blocks of 4 threads: one per element
-        doubled = cupy.asnumpy(doubled)
-    except (cupy.cuda.compiler.CompileException, RuntimeError, OSError) as error:
-        return (f"CuPy {cupy.__version__} cannot compile and run GPU kernels here "
-                f"({type(error).__name__}: {_first_line(error)}): {_kernel_failure_fix(cupy, error)}")
-    if not (numpy.array_equal(plus_one, numpy_x + 1) and numpy.array_equal(doubled, 2 * numpy_x)):
-        return (f"CuPy {cupy.__version__} compiled test kernels, but the GPU returned wrong results "
-                f"(x + 1 gave {plus_one.tolist()}, 2 x gave {doubled.tolist()} for x = {numpy_x.tolist()}); "
-                "check the NVIDIA driver and the GPU, or run on the CPU")
-    return None
-
-
-def _first_line(error):
-    """The line of an exception's message that says what went wrong: the first that names an error (NVRTC's
-    log can list warnings before it), else the first."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "error" in line.lower()), lines[0] if lines else "no message")
-
-
-def _kernel_failure_fix(cupy, error):
-    if isinstance(error, (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError)):
-        return ("check that the NVIDIA driver supports the CUDA version this CuPy is built for "
-                "(`nvidia-smi` shows the driver's), or run on the CPU")
-    return f"{GPU_INSTALL_HINT}, or set CUDA_PATH to a CUDA toolkit"
-
-
-def cupy_or_error():
-    """CuPy, once it is shown to work here, or BackendUnavailable with a one-line message saying why not.
-
-    Three checks: CuPy imports, it sees a CUDA device, and it can compile and run kernels on it
-    (`_kernel_check_failure`; its result is kept, so only the first call per process pays for it).
-    """
-    try:
-        import cupy
-    except ImportError:
-        raise BackendUnavailable(f"the GPU backend needs CuPy, which is not installed: {GPU_INSTALL_HINT}") from None
-    try:
-        device_count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # CUDA driver missing or broken: CuPy raises its own runtime errors
-        raise BackendUnavailable(f"CuPy is installed but no CUDA device is usable ({error}); "
-                                 "check the NVIDIA driver, or run on the CPU") from None
-    if device_count == 0:
-        raise BackendUnavailable("CuPy is installed but no CUDA device is visible; run on the CPU")
-    if _kernel_check.get("cupy") is not cupy:
-        _kernel_check.update(cupy=cupy, failure=_kernel_check_failure(cupy))
-    if _kernel_check["failure"] is not None:
-        raise BackendUnavailable(_kernel_check["failure"])
-    return cupy
 
 
 def get_backend(name="cpu"):

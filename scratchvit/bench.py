@@ -1,141 +1,52 @@
 """Benchmark one scratchvit training step, optionally against the same ViT written in PyTorch.
 
-What is timed: the whole training step of `scratchvit.train.TrainStep`, exactly as training runs
-it: zero the gradients, forward, softmax cross-entropy, backward, clip the global gradient norm
-(--clip-grad-norm, 1.0 like training; 0 disables it), AdamW (lr 2e-3, weight decay 0.05 on the
-weight matrices only, as in training). The data are one random batch of the right shape (standard
-normal images, uniform random labels), made once and reused, so no data loading or augmentation is
-timed. `--warmup` untimed steps come first (on the GPU they also compile CuPy's kernels), then
-`--steps` timed steps.
+    python -m scratchvit.bench [--device gpu] [--compare-torch] [--json] [--help for the rest]
 
-How it is timed
-- CPU: the host clock, `time.perf_counter()` around each step (NumPy and PyTorch on the CPU both
-  finish their work before returning).
-- GPU: CUDA events, never the host clock. An event is recorded on the current stream before and
-  after each step; the steps are queued back to back as in training (no wait between steps) and
-  the last event is waited for at the end of each block; a step's time is
-  `cupy.cuda.get_elapsed_time(start, end)` (`torch.cuda.Event.elapsed_time` for PyTorch), in ms.
-  That is the time the GPU spent from reaching the step to finishing it, idle gaps while it waited
-  for the host to queue kernels included.
-Reported per library: the median time per step, the minimum, the interquartile range (25th-75th
-percentile), images per second (batch size / median) and memory:
-- CPU, scratchvit: the peak of the bytes NumPy allocated during one extra, untimed step traced with
-  `tracemalloc` (NumPy reports its data buffers to tracemalloc; tracing slows the step, so it is
-  not timed). It counts what a step allocates (activations, gradients of activations,
-  temporaries), not the parameters and optimiser state that exist before it (reported separately
-  as `state_bytes`). PyTorch's CPU allocations are invisible to tracemalloc: shown as n/a.
-- GPU, scratchvit: CuPy's default memory pool after the steps: bytes held by the pool (its
-  high-water mark, since the pool keeps freed blocks) and bytes in use. PyTorch:
-  `torch.cuda.max_memory_reserved()` (its caching allocator's high-water mark, the counterpart of
-  CuPy's held bytes) and `max_memory_allocated()`.
+What is timed is `TrainStep` exactly as training runs it (zero the gradients, forward, softmax
+cross-entropy, backward, clip the global gradient norm, AdamW with the training's lr and weight decay)
+on one random batch made once, so no data loading is timed. The CPU is timed with the host clock, the
+GPU with CUDA events (the GPU's own time from reaching the step to finishing it), in blocks that
+alternate between the libraries so that noise hits both alike. The report gives, per library, the
+median, minimum and interquartile range per step, images per second and memory; on the GPU also what
+one traced step put on the GPU (gpu_trace.py); under mpiexec the gradient exchange's time. The machine
+that ran it is part of the report (machine.py).
 
-GPU work per step: a small ViT's GPU step may cost more in kernel launches than in the kernels
-themselves, so the bench traces one training step and reports what it put on the GPU: the number of
-kernels (`kernels_per_step`), and apart from them memory copies (memcpy) and fills (memset); the
-summed duration of those kernels (`kernel_ms`, each event's `self_device_time_total`) beside the wall
-time of the same traced step (`profiled_step_ms`); and the verdict `bound`: "compute-bound" where the
-kernels keep the GPU busy for at least COMPUTE_BOUND_SHARE of the step, else "launch-bound" (the GPU
-waits on the host between kernels, so fewer or fused launches would shorten the step, and faster
-kernels would not). The traced step runs under the profiler, whose per-launch bookkeeping lengthens
-it a little, so read the verdict beside the untraced steps' `median_ms`. CuPy has no launch hook; all of it
-comes from PyTorch's profiler (`torch.profiler.profile(activities=[ProfilerActivity.CUDA])`), which
-asks CUPTI for every kernel, memcpy and memset the process runs on the GPU (`cuptiActivityEnable`,
-not per library), so CuPy's and cuBLAS's kernels are seen as well as PyTorch's. One extra, untimed
-step is traced after the timed ones, with the GPU synchronised before it and at its end, so that no
-other step's work falls inside the trace. torch is imported for this on the GPU even without
---compare-torch; where it is missing, is a CPU build, or its profiler cannot trace the GPU, and on the
-CPU, the figures are n/a with the reason (the benchmark itself never fails for it). See
-`count_gpu_operations` for how the profiler's events are told apart.
+--compare-torch needs a checkout: the PyTorch model is tools/torch_reference.py, loaded from beside the
+package or the current directory. How each figure is measured, the JSON report's fields and the
+figures measured so far: docs/bench.md and the README's "Speed" section.
 
---compare-torch builds the same architecture in PyTorch (`torch_vit`: the same patchify layout,
-Linear patch embedding, CLS token, position embedding, pre-LN blocks with one qkv Linear viewed as
-(B, T, 3, heads, head_dim), scores scaled by 1/sqrt(head_dim), explicit softmax and attn @ v,
-GELU (tanh), final LayerNorm on the CLS token, head), copies scratchvit's initial weights into it,
-and trains it with `torch.optim.AdamW` (same hyper-parameters and weight-decay groups),
-`cross_entropy` and `clip_grad_norm_`, on the same batch. The parameter counts must be equal (the
-run stops otherwise), and the first step's loss of both is printed: they start from the same
-weights and data, so it agrees to float rounding. The timed steps are split into `--repeats`
-blocks that alternate between the two libraries (scratchvit first, then torch first, ...), so that
-noise from other processes hits both alike. PyTorch runs with its default settings: its default
-thread count unless --threads, its default (per-parameter, on the CPU) AdamW implementation, and no
-TF32 on the GPU (CuPy does not use TF32 either).
-
-Reading the ratio: `ratio scratchvit/torch` is scratchvit's median ms per step divided by PyTorch's.
-Below 1.0, scratchvit is faster; 1.25 means scratchvit takes 25% longer per step.
-
-Threads: on the CPU scratchvit's step is data-parallel over one thread per core (see
-scratchvit/train_step.py), and PyTorch uses its default of one thread per core too. `--threads N`
-sets both: scratchvit's worker threads and `torch.set_num_threads(N)`. For a like-for-like
-single-thread comparison (NumPy's BLAS reads its own thread count from the environment):
-
-    OPENBLAS_NUM_THREADS=1 python -m scratchvit.bench --compare-torch --threads 1
-
-Across processes (MPI, scratchvit/distributed.py): under `mpiexec -n N python -m scratchvit.bench`
-every rank runs the benchmark; --batch-size stays the global batch, each rank trains on its shard
-and the step includes the Allreduce of the gradients. Threads per rank default to the rank's share
-of its node's cores (2 ranks on 2 cores: one thread each). Rank 0 prints; images per second are
-those of the whole job (global batch / median step), and the report adds the time spent in the
-gradient exchange per step (host clock on the CPU, CUDA events around it on the GPU; it includes
-waiting for the slowest rank) and its share of the step. --compare-torch and the GPU work per step run
-in one process only. To compare 2 ranks x 1 thread with 1 rank x 2 threads:
-
-    mpiexec -n 2 python -m scratchvit.bench --steps 60
-    python -m scratchvit.bench --steps 60 --threads 2
-
-Examples
-    python -m scratchvit.bench                                  # CPU, the MNIST model at batch 128
-    python -m scratchvit.bench --compare-torch --steps 60       # and the same ViT in PyTorch
-    python -m scratchvit.bench --device gpu --compare-torch --batch-size 512
-    python -m scratchvit.bench --depth 2 --dim 32 --json > bench.json     # one JSON object, for scripts
-
-JSON report (--json): one object with
-- `device`, `config` (the model, batch, dtype, clip, lr, weight decay, seed), `timing` (clock, steps,
-  warmup, rounds), `scratchvit_threads`, `ratio` (scratchvit median / torch median, or null);
-- `machine`: processor, cpu_count, usable_cpus, platform, python, numpy, blas, thread_environment;
-  on the GPU also `gpu` (its name), `gpu_compute_capability` ("90" for 9.0), `gpu_memory_bytes`,
-  `cupy`, `cuda_driver` (the CUDA version the driver supports, "12.8"), `cuda_runtime` (CuPy's
-  CUDA runtime), `nvidia_driver` (the kernel module's version from /proc/driver/nvidia/version, or
-  null); with torch: `torch`, `torch_threads`, and on the GPU `torch_cuda` (the CUDA torch was built
-  with);
-- `mpi` (under mpiexec, else null): `ranks`, `nodes`, `threads_per_rank`, `library`, `exchange`
-  (mpi, cuda-aware-mpi, nccl or host-staged), `exchange_median_ms`, `exchange_q1_ms`, `exchange_q3_ms`,
-  `exchange_share` (exchange median / step median);
-- `results`: one object per library ("scratchvit", "torch") with `library`, `label`, `median_ms`,
-  `min_ms`, `max_ms`, `q1_ms`, `q3_ms`, `iqr_ms`, `img_per_s` (images per second at the median),
-  `steps`, `times_ms`, `parameters`, `first_loss`, `memory` (the details above,
-  with a `note`), `peak_bytes` and `used_bytes` (copied from `memory`; null where not measured:
-  used_bytes is in use after the steps: CuPy's pool on the GPU, `torch.cuda.memory_allocated()`
-  for PyTorch), `kernels_per_step` (kernels one step runs, or null) and `gpu_operations` (`kernels`,
-  `memcpy`, `memset`, `total`, `kernel_ms`, `profiled_step_ms`, `kernel_share` (kernel_ms /
-  profiled_step_ms), `bound` ("launch-bound" or "compute-bound"), and `reason`: null when traced,
-  else why not; the figures are then null).
-
-Exit status: 0 after a run; 2 for a bad option, no usable GPU backend, or torch missing for
+Exit status: 0 after a run; 2 for a bad option, no usable GPU backend, torch missing or no checkout for
 --compare-torch; 1 if the two models' parameter counts differ.
 """
 import argparse
+import importlib.util
 import json
 import math
-import os
-import platform
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
+from .backend import BackendUnavailable, get_backend
+from .cpu_threads import keep_freed_host_memory
 from .distributed import SINGLE_PROCESS, DistributedError, world
+from .gpu_trace import gpu_work, torch_for_launch_counting
 from .layers import SoftmaxCrossEntropy
+from .machine import machine_info
 from .optim import AdamW
 from .train import TrainConfig, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 
-BENCH_BATCH_SIZE = 128   # the batch of the PyTorch reference figures in the README (training uses 64)
+BENCH_BATCH_SIZE = 128   # the batch of the PyTorch reference figures in the README, and the training's
 
 MIB = 2 ** 20
 TORCH_NEEDED = "torch is needed only for --compare-torch: pip install torch"
+CHECKOUT_NEEDED = ("--compare-torch needs a checkout of the scratchvit repository: its PyTorch reference, "
+                   "tools/torch_reference.py, is not installed with the package (run from the checkout)")
+TORCH_REFERENCE = Path("tools") / "torch_reference.py"
 TRAINING = TrainConfig()          # lr and weight decay as in training
 DTYPES = ("float32", "float64")
 
@@ -201,139 +112,6 @@ def _check_options(args):
 def model_config(args):
     return dict(image_size=args.image_size, patch_size=args.patch_size, num_classes=args.num_classes, dim=args.dim,
                 depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim, channels=args.channels)
-
-
-# ------------------------------------------------------------------------------------------------
-# the PyTorch reference model (imported lazily: torch is not a dependency of scratchvit)
-
-_TORCH_VIT = None
-
-
-def _torch_vit_class():
-    global _TORCH_VIT
-    if _TORCH_VIT is not None:
-        return _TORCH_VIT
-    import torch
-    nn, F = torch.nn, torch.nn.functional
-
-    class TorchAttention(nn.Module):
-        def __init__(self, dim, heads, **factory):
-            super().__init__()
-            self.heads, self.head_dim = heads, dim // heads
-            self.scale = 1.0 / math.sqrt(self.head_dim)
-            self.qkv = nn.Linear(dim, 3 * dim, **factory)
-            self.proj = nn.Linear(dim, dim, **factory)
-
-        def forward(self, x):
-            B, T, D = x.shape
-            q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)   # (B, H, T, d)
-            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)                    # (B, H, T, T)
-            return self.proj((attn @ v).transpose(1, 2).reshape(B, T, D))
-
-    class TorchEncoderBlock(nn.Module):
-        def __init__(self, dim, heads, mlp_dim, eps, **factory):
-            super().__init__()
-            self.attn_norm = nn.LayerNorm(dim, eps=eps, **factory)
-            self.attn = TorchAttention(dim, heads, **factory)
-            self.mlp_norm = nn.LayerNorm(dim, eps=eps, **factory)
-            self.fc1 = nn.Linear(dim, mlp_dim, **factory)
-            self.fc2 = nn.Linear(mlp_dim, dim, **factory)
-
-        def forward(self, x):
-            x = x + self.attn(self.attn_norm(x))
-            return x + self.fc2(F.gelu(self.fc1(self.mlp_norm(x)), approximate="tanh"))
-
-    class TorchViT(nn.Module):
-        """scratchvit's ViT (dropout 0) in PyTorch, with the same parameter names, in the same order."""
-
-        def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels=1,
-                     eps=1e-5, dtype=torch.float32, device="cpu"):
-            super().__init__()
-            factory = dict(dtype=dtype, device=device)
-            self.patch_size = patch_size
-            num_patches = (image_size // patch_size) ** 2
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, **factory))
-            self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, dim, **factory))
-            self.patch_embed = nn.Linear(patch_size * patch_size * channels, dim, **factory)
-            self.blocks = nn.ModuleList(TorchEncoderBlock(dim, heads, mlp_dim, eps, **factory) for _ in range(depth))
-            self.norm = nn.LayerNorm(dim, eps=eps, **factory)
-            self.head = nn.Linear(dim, num_classes, **factory)
-
-        def forward(self, images):
-            B, C, H, W = images.shape
-            p = self.patch_size
-            patches = (images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-                       .reshape(B, (H // p) * (W // p), p * p * C))                               # like Patchify
-            tokens = self.patch_embed(patches)                                                     # (B, N, D)
-            x = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1) + self.pos_embedding  # (B, T, D)
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.norm(x[:, 0]))                                                   # (B, K)
-
-        @staticmethod
-        def _is_linear_weight(name, tensor):
-            return name.endswith(".weight") and tensor.ndim == 2     # torch stores (out, in), scratchvit (in, out)
-
-        def load_scratchvit_state(self, state):
-            """Copy a scratchvit `state_dict()` (NumPy arrays, Linear weights (in, out)) into this model."""
-            own = dict(self.named_parameters())
-            if set(own) != set(state):
-                difference = sorted(set(own) ^ set(state))
-                raise ValueError(f"the PyTorch model and scratchvit's differ in parameter {difference[0]!r}")
-            with torch.no_grad():
-                for name, parameter in own.items():
-                    value = torch.from_numpy(numpy.ascontiguousarray(to_host(state[name])))
-                    if self._is_linear_weight(name, parameter):
-                        value = value.T
-                    if tuple(value.shape) != tuple(parameter.shape):
-                        raise ValueError(f"parameter {name!r}: scratchvit has shape {tuple(state[name].shape)}, "
-                                         f"the PyTorch model {tuple(parameter.shape)}")
-                    parameter.copy_(value)
-            return self
-
-        def scratchvit_gradients(self):
-            """{name: NumPy gradient} in scratchvit's layout (Linear weights (in, out))."""
-            return {name: (p.grad.T if self._is_linear_weight(name, p) else p.grad).detach().cpu().numpy()
-                    for name, p in self.named_parameters()}
-
-        def scratchvit_state(self):
-            """{name: NumPy copy of the parameter} in scratchvit's layout."""
-            return {name: (p.T if self._is_linear_weight(name, p) else p).detach().cpu().numpy().copy()
-                    for name, p in self.named_parameters()}
-
-    _TORCH_VIT = TorchViT
-    return TorchViT
-
-
-def torch_vit(config, *, dtype="float32", device="cpu", state=None):
-    """The PyTorch twin of `ViT(**config)`; with `state` (a scratchvit state_dict) its weights are copied in."""
-    import torch
-    model = _torch_vit_class()(**config, dtype=getattr(torch, str(dtype)), device=device)
-    if state is not None:
-        model.load_scratchvit_state(state)
-    return model
-
-
-class TorchTrainStep:
-    """PyTorch's version of `TrainStep`: zero_grad, forward, cross_entropy, backward, clip_grad_norm_, AdamW."""
-
-    def __init__(self, model, *, lr=TRAINING.lr, weight_decay=TRAINING.weight_decay, clip_grad_norm=None):
-        import torch
-        self.torch, self.model, self.clip_grad_norm = torch, model, clip_grad_norm
-        decayed, not_decayed = [], []
-        for name, parameter in model.named_parameters():     # the rule of scratchvit.train.parameter_groups
-            (decayed if name.endswith(".weight") and parameter.ndim == 2 else not_decayed).append(parameter)
-        self.optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
-                                            {"params": not_decayed, "weight_decay": 0.0}], lr=lr)
-
-    def __call__(self, images, labels):
-        self.optimizer.zero_grad()
-        loss = self.torch.nn.functional.cross_entropy(self.model(images), labels)
-        loss.backward()
-        if self.clip_grad_norm:
-            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
-        return loss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,13 +254,31 @@ def traced_peak_bytes(step):
             tracemalloc.stop()
 
 
-def torch_runner(torch, config, state, args, images, labels):
+def load_torch_reference(roots=None):
+    """The checkout's tools/torch_reference.py, imported, or None outside a checkout. It is looked for
+    beside the scratchvit folder (a checkout, or an editable install of one), then in the current directory."""
+    path = next((Path(root) / TORCH_REFERENCE for root in roots or (Path(__file__).resolve().parents[1], Path.cwd())
+                 if (Path(root) / TORCH_REFERENCE).is_file()), None)
+    if path is None:
+        return None
+    name = "scratchvit_tools_torch_reference"      # imported once per process, whichever checkout found it first
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def torch_runner(torch, reference, config, state, args, images, labels):
+    """The Runner of `reference` (tools/torch_reference.py): the same ViT in PyTorch, from the same weights."""
     device = "cuda" if args.device == "gpu" else "cpu"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = torch_vit(config, dtype=args.dtype, device=device, state=state)
+    model = reference.torch_vit(config, dtype=args.dtype, device=device, state=state)
     model.train()
-    train_step = TorchTrainStep(model, clip_grad_norm=args.clip_grad_norm or None)
+    train_step = reference.TorchTrainStep(model, lr=TRAINING.lr, weight_decay=TRAINING.weight_decay,
+                                          clip_grad_norm=args.clip_grad_norm or None)
     images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     if device == "cuda":
         clock = CudaEventClock(lambda: torch.cuda.Event(enable_timing=True), lambda start, end: start.elapsed_time(end))
@@ -507,125 +303,6 @@ def torch_runner(torch, config, state, args, images, labels):
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU work per step, traced with PyTorch's profiler (CuPy has no launch hook)
-
-# torch.profiler's events carry libkineto's activity type as a string (`FunctionEvent.activity_type`,
-# filled from `KinetoEvent.activity_type()` in torch/autograd/profiler.py); the names are libkineto's
-# (kineto libkineto/include/ActivityType.h). CUPTI's kernel, memcpy and memset records become these three.
-GPU_OPERATION_KINDS = {"kernel": "kernels", "gpu_memcpy": "memcpy", "gpu_memset": "memset"}
-NOT_COUNTED = dict(kernels=None, memcpy=None, memset=None, total=None, kernel_ms=None, profiled_step_ms=None,
-                   kernel_share=None, bound=None)
-# At least this share of a step's wall time in kernels: the GPU is busy, and the step is compute-bound.
-COMPUTE_BOUND_SHARE = 0.8
-
-
-def count_gpu_operations(events):
-    """{"kernels", "memcpy", "memset", "total"}: how many of torch.profiler's `events` ran on the GPU, by kind.
-
-    An event's `activity_type` tells them apart: "kernel", "gpu_memcpy", "gpu_memset"; every other
-    event is not a GPU operation of the step (CPU ops, CUDA runtime and driver calls, whose
-    device_type is CPU; synchronisation and annotation ranges, whose device_type is CUDA like the
-    kernels', which is why device_type alone would over-count). A torch whose events have no
-    `activity_type` falls back on device_type CUDA and libkineto's names for copies and fills,
-    "Memcpy HtoD (Pageable -> Device)", "Memset (Device)" (kineto libkineto/src/CuptiActivity.h).
-    """
-    counts = dict(kernels=0, memcpy=0, memset=0)
-    for event in events:
-        kind = _gpu_operation_kind(event)
-        if kind is not None:
-            counts[kind] += 1
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-def kernel_milliseconds(events):
-    """The summed duration of the kernels among torch.profiler's `events`, in ms. A kernel event's
-    `self_device_time_total` is its own time on the GPU in microseconds (for a CUDA event torch returns
-    `time_range.elapsed_us()`: torch/autograd/profiler_util.py, FunctionEvent.self_device_time_total)."""
-    return sum(event.self_device_time_total for event in events if _gpu_operation_kind(event) == "kernels") / 1000.0
-
-
-def bound_verdict(kernel_ms, step_ms):
-    """(kernel share of the step, "compute-bound" or "launch-bound"), or (None, None) without a step time."""
-    if not step_ms or step_ms <= 0:
-        return None, None
-    share = kernel_ms / step_ms
-    return share, "compute-bound" if share >= COMPUTE_BOUND_SHARE else "launch-bound"
-
-
-def _gpu_operation_kind(event):
-    activity_type = getattr(event, "activity_type", None)
-    if activity_type is not None:
-        return GPU_OPERATION_KINDS.get(activity_type)
-    if getattr(event.device_type, "name", None) != "CUDA":          # torch.autograd.DeviceType.CUDA
-        return None
-    if event.name.startswith("Memcpy"):
-        return "memcpy"
-    if event.name.startswith("Memset"):
-        return "memset"
-    return "kernels"
-
-
-def torch_for_launch_counting(device, torch=None):
-    """(torch, None) where torch's profiler can trace the GPU here, else (None, the reason in a few words)."""
-    if device != "gpu":
-        return None, "counted on the GPU only: --device gpu"
-    try:
-        if torch is None:
-            import torch
-        if not torch.cuda.is_available():
-            return None, f"torch {torch.__version__} sees no GPU (a CPU build?); its profiler does the counting"
-        if torch.profiler.ProfilerActivity.CUDA not in torch.profiler.supported_activities():
-            return None, f"torch {torch.__version__}'s profiler cannot trace the GPU here (no CUPTI)"
-    except ImportError:
-        return None, "torch is not installed; its profiler does the counting (pip install torch, a CUDA build)"
-    except Exception as error:      # a broken CUDA install can raise anything on import or on the first query
-        return None, f"torch is unusable here: {_one_line(error)}"
-    return torch, None
-
-
-def profile_gpu_operations(torch, step, synchronize, clock=time.perf_counter):
-    """Run `step()` once under torch.profiler, tracing the GPU only: count_gpu_operations' dict plus
-    `kernel_ms` (the kernels' summed time) and `profiled_step_ms` (the traced step's wall time, the GPU
-    waited for at its end).
-
-    libkineto drops GPU records that fall outside the trace's window (GenericActivityProfiler::outOfRange),
-    so waiting for the GPU before the trace keeps earlier steps' work out of it, and waiting at the end
-    of the step (`synchronize`, the step's own library's wait) keeps none of this step's work out.
-    """
-    synchronize()
-    torch.cuda.synchronize()     # every stream of the device; also sets up torch's CUDA state outside the trace
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        started = clock()
-        step()
-        synchronize()
-        step_ms = (clock() - started) * 1000.0
-    events = profiler.events()
-    return dict(count_gpu_operations(events), kernel_ms=kernel_milliseconds(events), profiled_step_ms=step_ms)
-
-
-def gpu_work(runner, torch, reason):
-    """The runner's GPU work in one untimed, traced step: profile_gpu_operations' dict plus `kernel_share`,
-    `bound` and `reason`, which is None when traced; where it cannot be traced the figures are None and
-    `reason` says why."""
-    if torch is not None:
-        try:
-            work = profile_gpu_operations(torch, runner.step, runner.synchronize)
-            if work["total"] > 0:
-                share, bound = bound_verdict(work["kernel_ms"], work["profiled_step_ms"])
-                return dict(work, kernel_share=share, bound=bound, reason=None)
-            reason = "the profiler recorded no GPU work in the step (CUPTI not tracing?)"
-        except Exception as error:        # tracing is extra: report it, never fail the benchmark for it
-            reason = f"tracing failed: {_one_line(error)}"
-    return dict(NOT_COUNTED, reason=reason)
-
-
-def _one_line(error, limit=200):
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-# ------------------------------------------------------------------------------------------------
 # the report
 
 def summarize(times_ms, batch_size):
@@ -634,74 +311,6 @@ def summarize(times_ms, batch_size):
     return dict(median_ms=float(median), min_ms=float(times.min()), max_ms=float(times.max()), q1_ms=float(q1),
                 q3_ms=float(q3), iqr_ms=float(q3 - q1), img_per_s=batch_size * 1e3 / float(median),
                 steps=int(times.size), times_ms=[round(float(t), 4) for t in times])
-
-
-def cpu_name():
-    name = platform.processor()
-    if not name or name == platform.machine():
-        try:
-            with open("/proc/cpuinfo") as file:
-                for line in file:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-    return name or platform.machine()
-
-
-def _blas():
-    try:
-        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:       # older NumPy: no mode="dicts"; not worth printing the whole configuration
-        return None
-
-
-def machine_info(backend, torch=None):
-    info = dict(processor=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
-                python=platform.python_version(), numpy=numpy.__version__, blas=_blas(),
-                thread_environment={name: os.environ[name] for name in
-                                    ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if name in os.environ})
-    if hasattr(os, "sched_getaffinity"):
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    if backend.name == "gpu":
-        cupy = backend.xp
-        device = cupy.cuda.Device()
-        properties = cupy.cuda.runtime.getDeviceProperties(device.id)
-        name = properties["name"]
-        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
-        info["gpu_compute_capability"] = device.compute_capability
-        info["gpu_memory_bytes"] = int(properties["totalGlobalMem"])
-        info["cupy"] = cupy.__version__
-        info["cuda_driver"] = _cuda_version(cupy.cuda.runtime.driverGetVersion)     # newest CUDA the driver runs
-        info["cuda_runtime"] = _cuda_version(cupy.cuda.runtime.runtimeGetVersion)   # the runtime CuPy uses
-        info["nvidia_driver"] = _nvidia_driver()
-    if torch is not None:
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if backend.name == "gpu":
-            info["torch_cuda"] = torch.version.cuda
-    return info
-
-
-def _cuda_version(get_version):
-    """CUDA's version integer (1000 * major + 10 * minor) as "major.minor", or None if it cannot be read."""
-    try:
-        version = int(get_version())
-    except Exception:
-        return None
-    return f"{version // 1000}.{version % 1000 // 10}"
-
-
-def _nvidia_driver(path="/proc/driver/nvidia/version"):
-    """The NVIDIA kernel module's version ("550.54.15"), read from `path` (Linux), or None."""
-    try:
-        with open(path) as file:
-            words = file.readline().split()
-    except OSError:
-        return None
-    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024"
-    return next((word for word in words if word[:1].isdigit() and "." in word), None)
 
 
 def _mib(value):
@@ -829,7 +438,7 @@ def main(argv=None):
         return _error(error)
     if backend.name == "cpu":
         keep_freed_host_memory()      # as the training loop does: see its docstring
-    torch = None
+    torch = reference = None
     if args.compare_torch:
         try:
             import torch
@@ -838,6 +447,9 @@ def main(argv=None):
         if args.device == "gpu" and not torch.cuda.is_available():
             return _error(f"--compare-torch --device gpu needs a CUDA build of torch (this one is {torch.__version__}, "
                           "which sees no GPU)")
+        reference = load_torch_reference()
+        if reference is None:
+            return _error(CHECKOUT_NEEDED)
     config = model_config(args)
     try:
         model = ViT(**config, dtype=args.dtype, seed=args.seed)
@@ -847,13 +459,13 @@ def main(argv=None):
     try:
         if torch is not None and args.threads:
             torch.set_num_threads(args.threads)
-        return _run(args, backend, config, model, torch, communicator)
+        return _run(args, backend, config, model, torch, communicator, reference)
     finally:
         if torch is not None:
             torch.set_num_threads(previous_threads)
 
 
-def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
+def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS, reference=None):
     rng = numpy.random.default_rng(args.seed + 1)
     images = rng.standard_normal((args.batch_size, args.channels, args.image_size, args.image_size)).astype(args.dtype)
     labels = rng.integers(0, args.num_classes, args.batch_size)
@@ -863,7 +475,7 @@ def _run(args, backend, config, model, torch, communicator=SINGLE_PROCESS):
     runners = [scratchvit_runner(model, backend, images, labels, args.clip_grad_norm, args.threads, communicator)]
     exchange_timer = runners[0].exchange_timer
     if torch is not None:
-        runners.append(torch_runner(torch, config, initial_state, args, images, labels))
+        runners.append(torch_runner(torch, reference, config, initial_state, args, images, labels))
         if runners[1].parameters != runners[0].parameters:
             return _error(f"the PyTorch model has {runners[1].parameters:,} parameters and scratchvit's "
                           f"{runners[0].parameters:,}: the architectures differ", code=1)

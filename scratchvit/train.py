@@ -62,8 +62,8 @@ try:
 except ImportError:
     fcntl = None
 
-from .backend import (ReplayableGenerator, get_array_module, get_backend, host, host_generator, keep_freed_host_memory,
-                      random_generator)
+from .backend import ReplayableGenerator, get_array_module, get_backend, host, host_generator, random_generator
+from .cpu_threads import keep_freed_host_memory
 from .affine import random_affine
 from .checkpoint_file import CheckpointError, read_checkpoint
 from .data import NUM_CLASSES, DataError, atomic_write_bytes, load_mnist, normalize, random_shift

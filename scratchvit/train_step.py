@@ -30,8 +30,8 @@ import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from .backend import (can_limit_blas_threads, get_array_module, host, limit_blas_threads_here,
-                      limit_blas_to_one_thread_here)
+from .backend import get_array_module, host
+from .cpu_threads import can_limit_blas_threads, limit_blas_threads_here, limit_blas_to_one_thread_here
 from .distributed import SINGLE_PROCESS
 
 MIN_IMAGES_PER_THREAD = 16   # below this a chunk is too small for its thread to pay off

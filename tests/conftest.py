@@ -7,15 +7,23 @@
   so `pytest -m "not gpu"` deselects them. `on_gpu` does the same for a test without the fixture.
   tests/test_fused_compiles.py needs no GPU, only CuPy and NVRTC, and decides for itself whether it
   can run: it does not use these.
+- The repository's root is on sys.path (appended, so an installed scratchvit still wins), so that tests
+  import the checkout's tools as `tools.torch_reference` and `tools.gpu_acceptance`.
 - Hypothesis profiles: `ci` (fewer examples, used by .ci/run) and `dev` (more, the default),
   chosen by the environment variable HYPOTHESIS_PROFILE.
 """
 import os
+import pathlib
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from scratchvit.backend import BackendUnavailable, get_backend
+
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

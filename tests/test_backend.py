@@ -1,5 +1,5 @@
-"""scratchvit.backend: choosing a device, the message when the GPU cannot be used, array modules,
-host transfer and seeded generators."""
+"""scratchvit.backend and scratchvit.cupy_check: choosing a device, the message when the GPU cannot be used,
+array modules, host transfer and seeded generators."""
 import configparser
 import pathlib
 import sys
@@ -8,7 +8,7 @@ import types
 import numpy
 import pytest
 
-from scratchvit import backend as backend_module
+from scratchvit import cupy_check
 from scratchvit.backend import (GPU_INSTALL_HINT, Backend, BackendUnavailable, backend_of, get_array_module,
                                 get_backend, host_generator, is_gpu_array, random_generator, to_host)
 
@@ -79,7 +79,7 @@ def test_install_hint_names_the_gpu_extras_of_setup_cfg():
 
 # The kernel check, with a stand-in for CuPy on the host. Its exception classes carry CuPy's names, and
 # the failures below carry the messages CuPy 13.6 and 14.2 were seen to raise on a machine without NVRTC
-# or without the CUDA headers (see _kernel_check_failure in scratchvit/backend.py).
+# or without the CUDA headers (see _kernel_check_failure in scratchvit/cupy_check.py).
 
 class CompileException(Exception):      # cupy.cuda.compiler.CompileException: str() is NVRTC's log
     def __init__(self, msg, source, name, options, backend="nvrtc"):
@@ -145,7 +145,7 @@ def _host_cupy(elementwise_error=None, raw_error=None, add=1.0, scale=2.0, raw_b
 @pytest.fixture
 def kernel_check(monkeypatch):
     """A fresh kernel-check cache for the test (the real one, if any, comes back afterwards)."""
-    monkeypatch.setattr(backend_module, "_kernel_check", {})
+    monkeypatch.setattr(cupy_check, "_kernel_check", {})
 
 
 def test_gpu_that_compiles_and_runs_kernels_is_used_and_checked_once(monkeypatch, kernel_check):
@@ -154,7 +154,7 @@ def test_gpu_that_compiles_and_runs_kernels_is_used_and_checked_once(monkeypatch
     backend = get_backend("gpu")
     assert backend.name == "gpu" and backend.xp is cupy
     assert sorted(cupy.built) == ["scratchvit_probe_add_one", "scratchvit_probe_double"]
-    assert get_backend("gpu").xp is cupy and backend_module.cupy_or_error() is cupy
+    assert get_backend("gpu").xp is cupy and cupy_check.cupy_or_error() is cupy
     assert len(cupy.built) == 2          # the check ran once, not per call
 
 

@@ -1,10 +1,12 @@
 """`python -m scratchvit.bench`: it runs, reports sane fields, and compares like with like.
 
 No timing thresholds: a benchmark measures, these tests check that what it measures is the right
-thing (the PyTorch reference model is scratchvit's ViT, gradient for gradient) and that it reports it.
+thing and that it reports it. The PyTorch reference it compares with (tools/torch_reference.py) is held
+against scratchvit in tests/test_torch_parity.py.
 """
 import importlib.util
 import json
+import pathlib
 import sys
 import types
 
@@ -12,13 +14,11 @@ import numpy
 import pytest
 
 from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
-from scratchvit import bench
+from scratchvit import bench, gpu_trace, machine
 from scratchvit.backend import BackendUnavailable, get_backend
-from scratchvit.layers import SoftmaxCrossEntropy
-from scratchvit.optim import AdamW
-from scratchvit.train import TrainStep, parameter_groups
 from scratchvit.vit import ViT
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "8", "--patch-size", "4", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "16",
         "--num-classes", "5", "--batch-size", "4"]
 QUICK = ["--steps", "2", "--warmup", "1"]
@@ -70,7 +70,7 @@ def test_compare_torch_without_torch_exits_2(capsys, monkeypatch):
 
 def _torch_counts_gpu_launches():
     """True where torch imports, is a CUDA build that sees the GPU, and its profiler can trace it."""
-    return bench.torch_for_launch_counting("gpu")[0] is not None
+    return gpu_trace.torch_for_launch_counting("gpu")[0] is not None
 
 
 @on_gpu
@@ -103,7 +103,7 @@ def test_gpu_json_report(capsys):
 @on_gpu
 def test_profiler_counts_cupy_launches_exactly():
     """CUPTI sees CuPy's own launches: a known sequence of one kernel, one copy and one fill, counted as such."""
-    torch, reason = bench.torch_for_launch_counting("gpu")
+    torch, reason = gpu_trace.torch_for_launch_counting("gpu")
     if torch is None:
         pytest.skip(reason)
     import cupy
@@ -119,7 +119,7 @@ def test_profiler_counts_cupy_launches_exactly():
         return total
 
     step()                                     # compiles the kernel outside the trace (and zeroes b)
-    counts = bench.profile_gpu_operations(torch, step, stream.synchronize)
+    counts = gpu_trace.profile_gpu_operations(torch, step, stream.synchronize)
     assert {key: counts[key] for key in ("kernels", "memcpy", "memset", "total")} == dict(
         kernels=1, memcpy=1, memset=1, total=3)
     # one small kernel: its time is positive and inside the traced step's wall time
@@ -131,7 +131,7 @@ def test_profiler_counts_cupy_launches_exactly():
 @on_gpu
 def test_gpu_compare_torch_report(capsys):
     """Both libraries on the GPU: same start (first loss), both timed, both counted where torch can count."""
-    torch, reason = bench.torch_for_launch_counting("gpu")
+    torch, reason = gpu_trace.torch_for_launch_counting("gpu")
     if torch is None:
         pytest.skip(reason)
     assert bench.main(["--steps", "2", "--warmup", "1", *TINY, "--device", "gpu", "--compare-torch", "--json"]) == 0
@@ -215,18 +215,18 @@ TRACE = [("cuLaunchKernel", CPU, "cuda_driver", 0.0),
 
 def test_count_gpu_operations_by_activity_type():
     events = [fake_event(*event) for event in TRACE]
-    assert bench.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
-    assert bench.count_gpu_operations([]) == dict(kernels=0, memcpy=0, memset=0, total=0)
+    assert gpu_trace.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
+    assert gpu_trace.count_gpu_operations([]) == dict(kernels=0, memcpy=0, memset=0, total=0)
 
 
 def test_count_gpu_operations_without_activity_type_uses_device_and_names():
     events = [fake_event(name, device_type, None) for name, device_type, kind, _ in TRACE if kind != "cuda_sync"]
-    assert bench.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
+    assert gpu_trace.count_gpu_operations(events) == dict(kernels=3, memcpy=2, memset=1, total=6)
 
 
 def test_count_gpu_operations_trusts_activity_type_over_the_name():
     events = [fake_event("Memcpy-like kernel name", CUDA, "kernel"), fake_event("my_kernel", CUDA, "gpu_memset")]
-    assert bench.count_gpu_operations(events) == dict(kernels=1, memcpy=0, memset=1, total=2)
+    assert gpu_trace.count_gpu_operations(events) == dict(kernels=1, memcpy=0, memset=1, total=2)
 
 
 class FakeTorch:
@@ -255,8 +255,9 @@ class FakeTorch:
 
 
 def test_kernel_milliseconds_sums_the_kernels_only():
-    assert bench.kernel_milliseconds([fake_event(*event) for event in TRACE]) == pytest.approx(2.0)   # 250+1000+750 us
-    assert bench.kernel_milliseconds([]) == 0.0
+    events = [fake_event(*event) for event in TRACE]
+    assert gpu_trace.kernel_milliseconds(events) == pytest.approx(2.0)   # 250+1000+750 us
+    assert gpu_trace.kernel_milliseconds([]) == 0.0
 
 
 @pytest.mark.parametrize("kernel_ms, step_ms, expected", [
@@ -266,7 +267,7 @@ def test_kernel_milliseconds_sums_the_kernels_only():
     (1.0, 0.0, (None, None)),
 ])
 def test_bound_verdict(kernel_ms, step_ms, expected):
-    share, bound = bench.bound_verdict(kernel_ms, step_ms)
+    share, bound = gpu_trace.bound_verdict(kernel_ms, step_ms)
     assert (share if share is None else pytest.approx(share), bound) == (
         expected[0] if expected[0] is None else pytest.approx(expected[0]), expected[1])
 
@@ -280,7 +281,7 @@ def ticking_clock(step_seconds):
 def test_profile_gpu_operations_traces_one_step_between_waits():
     log = []
     torch = FakeTorch(log, [fake_event(*event) for event in TRACE])
-    work = bench.profile_gpu_operations(torch, step=lambda: log.append("step"),
+    work = gpu_trace.profile_gpu_operations(torch, step=lambda: log.append("step"),
                                         synchronize=lambda: log.append("synchronize"), clock=ticking_clock(0.004))
     assert work == dict(kernels=3, memcpy=2, memset=1, total=6, kernel_ms=pytest.approx(2.0),
                         profiled_step_ms=pytest.approx(4.0))
@@ -292,10 +293,10 @@ def test_gpu_work_gives_the_verdict_or_the_reason_instead_of_failing():
     runner = types.SimpleNamespace(step=lambda: None, synchronize=lambda: None)
     not_counted = dict(kernels=None, memcpy=None, memset=None, total=None, kernel_ms=None, profiled_step_ms=None,
                        kernel_share=None, bound=None)
-    assert bench.gpu_work(runner, None, "why not") == dict(not_counted, reason="why not")
-    assert bench.gpu_work(runner, FakeTorch([], [fake_event(*TRACE[0])]), None) == dict(
+    assert gpu_trace.gpu_work(runner, None, "why not") == dict(not_counted, reason="why not")
+    assert gpu_trace.gpu_work(runner, FakeTorch([], [fake_event(*TRACE[0])]), None) == dict(
         not_counted, reason="the profiler recorded no GPU work in the step (CUPTI not tracing?)")
-    traced = bench.gpu_work(runner, FakeTorch([], [fake_event(*event) for event in TRACE]), None)
+    traced = gpu_trace.gpu_work(runner, FakeTorch([], [fake_event(*event) for event in TRACE]), None)
     assert {key: traced[key] for key in ("kernels", "memcpy", "memset", "total", "reason")} == dict(
         kernels=3, memcpy=2, memset=1, total=6, reason=None)
     assert traced["kernel_ms"] == pytest.approx(2.0) and traced["profiled_step_ms"] > 0
@@ -306,7 +307,7 @@ def test_gpu_work_gives_the_verdict_or_the_reason_instead_of_failing():
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nsecond line")
 
     runner.step = failing_step
-    failed = bench.gpu_work(runner, FakeTorch([], []), None)
+    failed = gpu_trace.gpu_work(runner, FakeTorch([], []), None)
     assert failed["kernels"] is None and failed["bound"] is None and failed["reason"] == (
         "tracing failed: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED second line")
 
@@ -320,22 +321,22 @@ def torch_module(version, sees_gpu, activities):
 
 
 def test_torch_for_launch_counting_says_why_not(monkeypatch):
-    assert bench.torch_for_launch_counting("cpu") == (None, "counted on the GPU only: --device gpu")
-    torch, reason = bench.torch_for_launch_counting("gpu", torch_module("2.13.0+cpu", False, ["CPU"]))
+    assert gpu_trace.torch_for_launch_counting("cpu") == (None, "counted on the GPU only: --device gpu")
+    torch, reason = gpu_trace.torch_for_launch_counting("gpu", torch_module("2.13.0+cpu", False, ["CPU"]))
     assert torch is None and "torch 2.13.0+cpu sees no GPU" in reason
-    torch, reason = bench.torch_for_launch_counting("gpu", torch_module("2.13.0", True, ["CPU"]))
+    torch, reason = gpu_trace.torch_for_launch_counting("gpu", torch_module("2.13.0", True, ["CPU"]))
     assert torch is None and "cannot trace the GPU here (no CUPTI)" in reason
     usable = torch_module("2.13.0", True, ["CPU", "CUDA"])
-    assert bench.torch_for_launch_counting("gpu", usable) == (usable, None)
+    assert gpu_trace.torch_for_launch_counting("gpu", usable) == (usable, None)
     monkeypatch.setitem(sys.modules, "torch", None)                  # makes `import torch` fail
-    torch, reason = bench.torch_for_launch_counting("gpu")
+    torch, reason = gpu_trace.torch_for_launch_counting("gpu")
     assert torch is None and "torch is not installed" in reason
 
 
 def test_gpu_work_is_na_on_the_cpu(capsys):
     result = run_json(capsys)["results"]["scratchvit"]
     assert result["kernels_per_step"] is None and "launches_per_step" not in result
-    assert result["gpu_operations"] == dict(bench.NOT_COUNTED, reason="counted on the GPU only: --device gpu")
+    assert result["gpu_operations"] == dict(gpu_trace.NOT_COUNTED, reason="counted on the GPU only: --device gpu")
     assert bench.main([*QUICK, *TINY]) == 0
     assert "\nGPU work per step: n/a (counted on the GPU only: --device gpu)\n" in capsys.readouterr().out
 
@@ -343,7 +344,7 @@ def test_gpu_work_is_na_on_the_cpu(capsys):
 def fake_gpu_backend(driver_version):
     """A Backend("gpu") whose CuPy answers the questions machine_info asks, as CuPy's runtime module does."""
     properties = {"name": b"NVIDIA H200", "totalGlobalMem": 2 ** 37}
-    runtime = types.SimpleNamespace(getDeviceProperties=lambda device: properties,
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda device: properties, getDeviceCount=lambda: 1,
                                     driverGetVersion=driver_version, runtimeGetVersion=lambda: 12060)
     cupy = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(
         Device=lambda: types.SimpleNamespace(id=0, compute_capability="90"), runtime=runtime))
@@ -354,9 +355,9 @@ def test_machine_info_on_the_gpu(capsys, monkeypatch, tmp_path):
     version_file = tmp_path / "version"
     version_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
                             "GCC version:  gcc version 12.3.0\n")
-    read_version_file = bench._nvidia_driver
-    monkeypatch.setattr(bench, "_nvidia_driver", lambda: read_version_file(version_file))
-    info = bench.machine_info(fake_gpu_backend(lambda: 12080))
+    read_version_file = machine.nvidia_driver_version
+    monkeypatch.setattr(machine, "nvidia_driver_version", lambda: read_version_file(version_file, ask_nvidia_smi=False))
+    info = machine.machine_info(fake_gpu_backend(lambda: 12080))
     assert {key: info[key] for key in ("gpu", "gpu_compute_capability", "gpu_memory_bytes", "cupy", "cuda_driver",
                                        "cuda_runtime", "nvidia_driver")} == dict(
         gpu="NVIDIA H200", gpu_compute_capability="90", gpu_memory_bytes=2 ** 37, cupy="14.2.0", cuda_driver="12.8",
@@ -365,24 +366,25 @@ def test_machine_info_on_the_gpu(capsys, monkeypatch, tmp_path):
     def no_driver():
         raise RuntimeError("cudaErrorInsufficientDriver")
 
-    assert bench.machine_info(fake_gpu_backend(no_driver))["cuda_driver"] is None     # unreadable: None, no failure
+    assert machine.machine_info(fake_gpu_backend(no_driver))["cuda_driver"] is None     # unreadable: None, no failure
     report = run_json(capsys)
     report["machine"] = info
     assert "; NVIDIA H200, cupy 14.2.0, CUDA runtime 12.6, driver 12.8 (550.54.15)" in bench.format_table(report)
 
 
 def test_nvidia_driver_version(tmp_path):
-    assert bench._nvidia_driver(tmp_path / "missing") is None
+    assert machine.nvidia_driver_version(tmp_path / "missing", ask_nvidia_smi=False) is None
     (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  "
                                       "Release Build  (dvs-builder@U16-I3-B03-4-3)  Thu Jan 23 2025\n")
-    assert bench._nvidia_driver(tmp_path / "version") == "570.86.15"
+    assert machine.nvidia_driver_version(tmp_path / "version") == "570.86.15"
 
 
 def test_gpu_work_line_per_library():
     results = {"scratchvit": dict(label="scratchvit", gpu_operations=dict(
                    kernels=812, memcpy=3, memset=0, total=815, kernel_ms=4.2, profiled_step_ms=10.5,
                    kernel_share=0.4, bound="launch-bound", reason=None)),
-               "torch": dict(label="torch 2.13", gpu_operations=dict(bench.NOT_COUNTED, reason="tracing failed: X"))}
+               "torch": dict(label="torch 2.13",
+                             gpu_operations=dict(gpu_trace.NOT_COUNTED, reason="tracing failed: X"))}
     assert bench._gpu_work_text(results) == (
         "GPU work per step: scratchvit 812 kernels (+3 memcpy, +0 memset), 4.20 ms in kernels of a 10.50 ms traced "
         "step (40%): launch-bound; torch 2.13 n/a (tracing failed: X)")
@@ -414,70 +416,55 @@ def test_compare_torch_table(capsys):
 
 def test_parameter_count_mismatch_is_an_error(capsys, monkeypatch):
     torch = pytest.importorskip("torch")
-    original = bench.torch_vit
+    reference = bench.load_torch_reference()
 
     def with_an_extra_parameter(*args, **kwargs):
-        model = original(*args, **kwargs)
+        model = reference.torch_vit(*args, **kwargs)
         model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3, dtype=model.head.weight.dtype)))
         return model
 
-    monkeypatch.setattr(bench, "torch_vit", with_an_extra_parameter)
+    monkeypatch.setattr(bench, "load_torch_reference", lambda: types.SimpleNamespace(
+        torch_vit=with_an_extra_parameter, TorchTrainStep=reference.TorchTrainStep))
     assert bench.main([*QUICK, *TINY, "--compare-torch"]) == 1
     assert "architectures differ" in capsys.readouterr().err
 
 
-def _tiny_float64_model(channels):
-    model = ViT(**dict(TINY_CONFIG, channels=channels, depth=2), dtype="float64", seed=3)
-    rng = numpy.random.default_rng(4)
-    for name, parameter in model.named_parameters():      # LayerNorm weights away from 1, biases away from 0
-        if "norm" in name:
-            parameter.data = parameter.data + 0.3 * rng.standard_normal(parameter.shape)
-    return model, rng
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_torch_reference_matches_scratchvit_logits_and_gradients(channels):
-    torch = pytest.importorskip("torch")
-    model, rng = _tiny_float64_model(channels)
-    reference = bench.torch_vit(dict(TINY_CONFIG, channels=channels, depth=2), dtype="float64",
-                                state=model.state_dict())
-    assert list(dict(reference.named_parameters())) == list(dict(model.named_parameters()))
-    images = rng.standard_normal((3, channels, 8, 8))
-    labels = rng.integers(0, 5, 3)
-
-    loss_fn = SoftmaxCrossEntropy()
-    logits = model.forward(images)
-    loss = loss_fn.forward(logits, labels)
-    image_grad = model.backward(loss_fn.backward())
-
-    images_t = torch.tensor(images, requires_grad=True)
-    logits_t = reference(images_t)
-    loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
-    loss_t.backward()
-
-    numpy.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-10, atol=1e-12)
-    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-12)
-    numpy.testing.assert_allclose(image_grad, images_t.grad.numpy(), rtol=1e-9, atol=1e-13)
-    torch_grads = reference.scratchvit_gradients()
-    for name, parameter in model.named_parameters():
-        numpy.testing.assert_allclose(parameter.grad, torch_grads[name], rtol=1e-9, atol=1e-13,
-                                      err_msg=f"gradient of {name}")
-
-
-def test_torch_train_step_matches_scratchvit_train_step():
-    """Two full steps (clipping active, AdamW with decay groups) leave the same weights on both sides."""
+def test_compare_torch_outside_a_checkout_exits_2(capsys, monkeypatch):
     pytest.importorskip("torch")
-    import torch
-    model, rng = _tiny_float64_model(channels=1)
-    reference = bench.torch_vit(dict(TINY_CONFIG, depth=2), dtype="float64", state=model.state_dict())
-    ours = TrainStep(model, AdamW(parameter_groups(model, 0.05), lr=2e-3), SoftmaxCrossEntropy(), clip_grad_norm=0.05)
-    theirs = bench.TorchTrainStep(reference, lr=2e-3, weight_decay=0.05, clip_grad_norm=0.05)
-    for _ in range(2):
-        images, labels = rng.standard_normal((4, 1, 8, 8)), rng.integers(0, 5, 4)
-        loss = ours(images, labels)
-        loss_t = theirs(torch.from_numpy(images), torch.from_numpy(labels))
-        assert float(loss) == pytest.approx(loss_t.item(), rel=1e-10)
-        assert float(ours.optimizer.grad_norm()) == pytest.approx(0.05, rel=1e-4)    # the clipping was active
-    after = reference.scratchvit_state()
-    for name, value in model.state_dict().items():
-        numpy.testing.assert_allclose(value, after[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    monkeypatch.setattr(bench, "load_torch_reference", lambda: None)     # installed without the repository
+    assert bench.main([*QUICK, *TINY, "--compare-torch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkout" in err and "tools/torch_reference.py" in err
+
+
+def test_the_torch_reference_is_found_in_a_checkout_only(tmp_path):
+    assert bench.load_torch_reference(roots=[tmp_path]) is None          # no tools/torch_reference.py there
+    pytest.importorskip("torch")
+    reference = bench.load_torch_reference()                              # this checkout's, beside the package
+    assert reference is not None and callable(reference.torch_vit) and callable(reference.TorchTrainStep)
+    assert bench.load_torch_reference(roots=[REPO_ROOT]) is reference     # imported once per process
+
+
+def test_cuda_version_text():
+    assert machine.cuda_version(lambda: 12080) == "12.8" and machine.cuda_version(lambda: 13000) == "13.0"
+    assert machine.cuda_version(lambda: 0) == "none"                   # no driver
+
+    def unreadable():
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    assert machine.cuda_version(unreadable) is None
+
+
+def test_gpu_facts_keep_what_was_learnt_before_a_failure(monkeypatch):
+    """A driver too old for CuPy's CUDA fails at the device: the versions read before it stay in the facts."""
+    monkeypatch.setattr(machine, "nvidia_driver_version", lambda: "535.0")
+    cupy = fake_gpu_backend(lambda: 12020).xp
+
+    def no_device(device):
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    cupy.cuda.runtime.getDeviceProperties = no_device
+    facts = {}
+    with pytest.raises(RuntimeError, match="InsufficientDriver"):
+        machine.add_gpu_facts(facts, cupy)
+    assert facts == dict(nvidia_driver="535.0", cupy="14.2.0", cuda_runtime="12.6", cuda_driver="12.2", gpu_count=1)

@@ -26,7 +26,7 @@ import pytest
 
 import mpi_job
 from scratchvit import distributed, train
-from scratchvit.backend import can_limit_blas_threads
+from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.data import MNIST_FILES
 from scratchvit.distributed import (DistributedError, HostStagedAllreduce, MpiAllreduce, MpiCommunicator,
                                     NcclAllreduce, SingleProcess, choose_exchange, launcher_world_size,

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import on_gpu
 from scratchvit import equivalence
-from scratchvit.backend import can_limit_blas_threads
+from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.equivalence import DEFAULT_MODEL, SMALL_MODEL, TOLERANCES, compare_training, relative_error
 
 needs_thread_limit = pytest.mark.skipif(not can_limit_blas_threads(),

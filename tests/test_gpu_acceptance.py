@@ -1,4 +1,4 @@
-"""Tests of `python -m scratchvit.gpu_acceptance`, the GPU acceptance command, on a machine without a GPU.
+"""Tests of `python tools/gpu_acceptance.py`, the GPU acceptance command, on a machine without a GPU.
 
 The command is first run for real on a GPU machine that nobody here can try. So its dry run (every stage on
 the CPU, tiny sizes) is run in full here, once per module, through `main` as the command line calls it. The
@@ -22,15 +22,17 @@ from pathlib import Path
 import numpy
 import pytest
 
-from scratchvit import gpu_acceptance
 from scratchvit.data import MNIST_FILES, write_idx
-from scratchvit.gpu_acceptance import (Stage, build_stages, bench_figures, compare_rows, count_no_gpu_skips,
-                                       figures_text, format_table, judge_mpi, judge_pytest, main, parse_json_objects,
-                                       parse_pytest_summary, run_acceptance, stage_timeout, training_figures)
+from tools import acceptance_judging, acceptance_probes, gpu_acceptance
+from tools.acceptance_judging import (bench_figures, count_no_gpu_skips, judge_mpi, judge_pytest, parse_json_objects,
+                                      parse_pytest_summary, training_figures)
+from tools.acceptance_probes import INFERENCE_IMAGES, compare_rows
+from tools.acceptance_report import figures_text, format_table
+from tools.gpu_acceptance import Stage, build_stages, main, run_acceptance, stage_timeout
 
 STAGE_NAMES = ["machine", "gpu-tests", "compile-tests", "equivalence", "bench-16", "bench-32", "train", "inference",
                "mpi"]
-MPI_HERE = gpu_acceptance.mpi_runtime_problem() is None
+MPI_HERE = acceptance_probes.mpi_runtime_problem() is None
 # what the device tool brings back from $OUT: at most 8 files, at most two folders down, plain names, 16 MiB each
 RETURNED_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -109,7 +111,7 @@ def test_dry_run_summary_has_the_figures(dry_run):
     inference = figures["inference"]
     assert inference["devices"] == ["cpu", "cpu"] and inference["passed"] is True
     for name in ("predict", "demo"):
-        assert inference[name]["images"] == gpu_acceptance.INFERENCE_IMAGES and inference[name]["same_digits"] is True
+        assert inference[name]["images"] == INFERENCE_IMAGES and inference[name]["same_digits"] is True
         assert inference[name]["max_probability_difference"] == 0.0          # the CPU against itself
     if MPI_HERE:
         assert figures["mpi"]["ranks"] == 2 and figures["mpi"]["exchange"] == "mpi"
@@ -388,7 +390,7 @@ def test_stage_minimums_fit_the_budget():
 ])
 def test_parse_pytest_summary(line, expected):
     counts = parse_pytest_summary(f"collecting ...\n...ss.\n{line}\n")
-    assert counts == dict(dict.fromkeys(gpu_acceptance.PYTEST_KEYS, 0), **expected)
+    assert counts == dict(dict.fromkeys(acceptance_judging.PYTEST_KEYS, 0), **expected)
 
 
 def test_parse_pytest_summary_takes_the_last_line_and_ignores_look_alikes():
@@ -408,7 +410,7 @@ def test_count_no_gpu_skips():
 
 
 def pytest_outcome(text, returncode=0):
-    return gpu_acceptance.Outcome(returncode=returncode, timed_out=False, seconds=1.0, log_text=text)
+    return acceptance_judging.Outcome(returncode=returncode, timed_out=False, seconds=1.0, log_text=text)
 
 
 def test_judge_pytest():
@@ -416,7 +418,7 @@ def test_judge_pytest():
     assert judge_pytest(all_skipped, dry_run=True)[1] == []
     assert judge_pytest(all_skipped, dry_run=False)[1] == ["no test passed", "5 skipped for want of a GPU"]
     assert judge_pytest(pytest_outcome("40 passed, 9 deselected in 30.0s\n"), dry_run=False) == (
-        dict(dict.fromkeys(gpu_acceptance.PYTEST_KEYS, 0), passed=40, deselected=9, no_gpu_skips=0), [])
+        dict(dict.fromkeys(acceptance_judging.PYTEST_KEYS, 0), passed=40, deselected=9, no_gpu_skips=0), [])
     assert judge_pytest(pytest_outcome("1 failed, 39 passed in 30.0s\n", 1), dry_run=False)[1] == ["1 failed, 0 errors"]
     assert judge_pytest(pytest_outcome("Killed\n", -9), dry_run=True)[1] == ["no pytest summary line in the log"]
 
@@ -450,7 +452,7 @@ def test_bench_figures_read_missing_keys_as_none():
 
 
 def test_compare_rows_holds_probabilities_to_the_tolerance_and_digits_to_the_same():
-    tolerance = gpu_acceptance.PROBABILITY_TOLERANCE
+    tolerance = acceptance_probes.PROBABILITY_TOLERANCE
     cpu = numpy.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]])
     assert compare_rows(cpu, cpu) == dict(images=2, same_digits=True, digit_mismatches=0,
                                           max_probability_difference=0.0, passed=True)

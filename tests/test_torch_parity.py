@@ -1,5 +1,7 @@
 """Every layer, the whole ViT and AdamW against PyTorch, in float64, to about 1e-10.
 
+The whole ViT and the training step are held against tools/torch_reference.py, the one PyTorch copy of
+scratchvit's ViT (the benchmark's --compare-torch times it), so these tests also prove that reference.
 PyTorch is not a dependency of scratchvit: this module skips where it is not installed.
 Forward outputs, input gradients and parameter gradients are compared for random inputs and a
 random upstream gradient; our side runs on the `backend` fixture, PyTorch on its CPU.
@@ -7,8 +9,6 @@ random upstream gradient; our side runs on the `backend` fixture, PyTorch on its
 import pytest
 
 torch = pytest.importorskip("torch")
-
-import math  # noqa: E402
 
 import numpy  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -19,7 +19,10 @@ from scratchvit.layers import (GELU, LayerNorm, Linear, MultiHeadSelfAttention, 
                                SoftmaxCrossEntropy, softmax, softmax_backward)
 from scratchvit.layers import Parameter  # noqa: E402
 from scratchvit.optim import AdamW  # noqa: E402
+from scratchvit.train import parameter_groups  # noqa: E402
+from scratchvit.train_step import TrainStep  # noqa: E402
 from scratchvit.vit import ViT  # noqa: E402
+from tools.torch_reference import TorchAttention, TorchTrainStep, torch_vit  # noqa: E402
 
 F = torch.nn.functional
 
@@ -44,28 +47,6 @@ def move_to(layer, backend):
     for parameter in layer.parameters():
         parameter.data = backend.asarray(parameter.data)
     return layer
-
-
-def torch_attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, heads):
-    """Multi-head self-attention as written in PyTorch ViTs: one qkv product viewed as [3, heads, head_dim]."""
-    B, T, D = x.shape
-    d = D // heads
-    qkv = F.linear(x, qkv_weight, qkv_bias)                                    # (B, T, 3D)
-    q, k, v = qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4)               # each (B, H, T, d)
-    attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)       # (B, H, T, T)
-    context = (attn @ v).transpose(1, 2).reshape(B, T, D)
-    return F.linear(context, proj_weight, proj_bias)
-
-
-class TorchAttention(torch.nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
-        self.proj = torch.nn.Linear(dim, dim, dtype=torch.float64)
-
-    def forward(self, x):
-        return torch_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.heads)
 
 
 def torch_patchify(images, p):
@@ -173,7 +154,7 @@ def test_multi_head_self_attention(backend, B, T, heads, seed):
     dim = 8
     rng = numpy.random.default_rng(seed)
     ours = move_to(MultiHeadSelfAttention(dim, heads, dtype="float64", rng=rng), backend)
-    theirs = TorchAttention(dim, heads)
+    theirs = TorchAttention(dim, heads, dtype=torch.float64)
     copy_linear(ours.qkv, theirs.qkv)
     copy_linear(ours.proj, theirs.proj)
     x, g = 2 * rng.standard_normal((B, T, dim)), rng.standard_normal((B, T, dim))
@@ -206,23 +187,6 @@ def test_patchify(backend, B, C, Hp, Wp, p, seed):
 # The whole ViT
 # ---------------------------------------------------------------------------------------------
 
-def torch_vit(P, images, *, patch_size, depth, heads, dim, eps):
-    """The ViT of scratchvit/vit.py in PyTorch, over a dict of our parameters (weights (in, out))."""
-    B = images.shape[0]
-    tokens = torch_patchify(images, patch_size) @ P["patch_embed.weight"] + P["patch_embed.bias"]
-    x = torch.cat([P["cls_token"].expand(B, -1, -1), tokens], dim=1) + P["pos_embedding"]
-    for i in range(depth):
-        b = f"blocks.{i}."
-        h = F.layer_norm(x, (dim,), P[b + "attn_norm.weight"], P[b + "attn_norm.bias"], eps)
-        x = x + torch_attention(h, P[b + "attn.qkv.weight"].T, P[b + "attn.qkv.bias"],
-                                P[b + "attn.proj.weight"].T, P[b + "attn.proj.bias"], heads)
-        h = F.layer_norm(x, (dim,), P[b + "mlp_norm.weight"], P[b + "mlp_norm.bias"], eps)
-        h = F.gelu(h @ P[b + "fc1.weight"] + P[b + "fc1.bias"], approximate="tanh")
-        x = x + (h @ P[b + "fc2.weight"] + P[b + "fc2.bias"])
-    cls = F.layer_norm(x[:, 0], (dim,), P["norm.weight"], P["norm.bias"], eps)
-    return cls @ P["head.weight"] + P["head.bias"]
-
-
 @pytest.mark.parametrize("channels, heads", [(1, 2), (3, 4)])
 def test_vit_forward_and_every_gradient(backend, channels, heads):
     config = dict(image_size=8, patch_size=4, num_classes=5, dim=8, depth=2, heads=heads, mlp_dim=16,
@@ -232,17 +196,18 @@ def test_vit_forward_and_every_gradient(backend, channels, heads):
     for name, parameter in model.named_parameters():   # LayerNorm weights away from 1 and biases from 0
         if "norm" in name:
             parameter.data = parameter.data + 0.3 * rng.standard_normal(parameter.shape)
+    reference = torch_vit(dict(config, eps=model.norm.eps), dtype="float64", state=model.state_dict())
     model.to(backend.name)
-    P = {name: leaf(parameter.data) for name, parameter in model.named_parameters()}
     images = rng.standard_normal((3, channels, 8, 8))
     g = rng.standard_normal((3, 5))
     images_t = leaf(images)
-    logits_t = torch_vit(P, images_t, patch_size=4, depth=2, heads=heads, dim=8, eps=model.norm.eps)
+    logits_t = reference(images_t)
     logits_t.backward(torch.from_numpy(g))
     close(model.forward(backend.asarray(images)), logits_t, "logits")
     close(model.backward(backend.asarray(g)), images_t.grad, "image gradient")
+    gradients = reference.scratchvit_gradients()
     for name, parameter in model.named_parameters():
-        close(parameter.grad, P[name].grad, f"gradient of {name}")
+        close(parameter.grad, gradients[name], f"gradient of {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,3 +241,63 @@ def test_adamw(backend, weight_decay, grouped):
         reference.step()
         for index, (parameter, tensor) in enumerate(zip(ours, theirs)):
             close(parameter.data, tensor, f"parameter {index}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference as the benchmark uses it: loss, every gradient and two training steps
+# ---------------------------------------------------------------------------------------------
+
+TINY_CONFIG = dict(image_size=8, patch_size=4, num_classes=5, dim=8, depth=1, heads=2, mlp_dim=16, channels=1)
+
+
+def _tiny_float64_model(channels):
+    model = ViT(**dict(TINY_CONFIG, channels=channels, depth=2), dtype="float64", seed=3)
+    rng = numpy.random.default_rng(4)
+    for name, parameter in model.named_parameters():      # LayerNorm weights away from 1, biases away from 0
+        if "norm" in name:
+            parameter.data = parameter.data + 0.3 * rng.standard_normal(parameter.shape)
+    return model, rng
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_torch_reference_matches_scratchvit_logits_and_gradients(channels):
+    model, rng = _tiny_float64_model(channels)
+    reference = torch_vit(dict(TINY_CONFIG, channels=channels, depth=2), dtype="float64", state=model.state_dict())
+    assert list(dict(reference.named_parameters())) == list(dict(model.named_parameters()))
+    images = rng.standard_normal((3, channels, 8, 8))
+    labels = rng.integers(0, 5, 3)
+
+    loss_fn = SoftmaxCrossEntropy()
+    logits = model.forward(images)
+    loss = loss_fn.forward(logits, labels)
+    image_grad = model.backward(loss_fn.backward())
+
+    images_t = torch.tensor(images, requires_grad=True)
+    logits_t = reference(images_t)
+    loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
+    loss_t.backward()
+
+    numpy.testing.assert_allclose(logits, logits_t.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-12)
+    numpy.testing.assert_allclose(image_grad, images_t.grad.numpy(), rtol=1e-9, atol=1e-13)
+    torch_grads = reference.scratchvit_gradients()
+    for name, parameter in model.named_parameters():
+        numpy.testing.assert_allclose(parameter.grad, torch_grads[name], rtol=1e-9, atol=1e-13,
+                                      err_msg=f"gradient of {name}")
+
+
+def test_torch_train_step_matches_scratchvit_train_step():
+    """Two full steps (clipping active, AdamW with decay groups) leave the same weights on both sides."""
+    model, rng = _tiny_float64_model(channels=1)
+    reference = torch_vit(dict(TINY_CONFIG, depth=2), dtype="float64", state=model.state_dict())
+    ours = TrainStep(model, AdamW(parameter_groups(model, 0.05), lr=2e-3), SoftmaxCrossEntropy(), clip_grad_norm=0.05)
+    theirs = TorchTrainStep(reference, lr=2e-3, weight_decay=0.05, clip_grad_norm=0.05)
+    for _ in range(2):
+        images, labels = rng.standard_normal((4, 1, 8, 8)), rng.integers(0, 5, 4)
+        loss = ours(images, labels)
+        loss_t = theirs(torch.from_numpy(images), torch.from_numpy(labels))
+        assert float(loss) == pytest.approx(loss_t.item(), rel=1e-10)
+        assert float(ours.optimizer.grad_norm()) == pytest.approx(0.05, rel=1e-4)    # the clipping was active
+    after = reference.scratchvit_state()
+    for name, value in model.state_dict().items():
+        numpy.testing.assert_allclose(value, after[name], rtol=1e-9, atol=1e-12, err_msg=name)

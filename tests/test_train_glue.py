@@ -13,7 +13,7 @@ import pytest
 
 import scratchvit.train
 from scratchvit import ViT
-from scratchvit.backend import can_limit_blas_threads
+from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.optim import AdamW
 from scratchvit.train import TrainConfig, evaluate_checkpoint, learning_rate_schedule, parameter_groups, run
 from test_train import CLASSES, IMAGE_SIZE, TINY_MODEL, quiet, write_dataset

@@ -3,7 +3,7 @@ import numpy
 import pytest
 
 from scratchvit import ViT
-from scratchvit.backend import can_limit_blas_threads
+from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
 from scratchvit.train import parameter_groups
