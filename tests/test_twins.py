@@ -101,8 +101,9 @@ def test_a_layer_without_parameters_goes_where_its_input_is_and_backward_follows
 
 
 def test_a_layer_with_parameters_goes_where_its_parameters_are(stand_in_device, twin_calls):
-    """The parameters decide, not the input: parameters on the device send even a host input to the twin
-    (which refuses it, as the real twins do through check_same_device), host parameters run the formula."""
+    """The parameters decide, not the input: a device input to a layer with host parameters runs the
+    formula (where the real layers refuse it, check_same_device), parameters on the device send a
+    device input to the twin, and backward follows forward."""
     layer = _Scaling()
     assert layer.device == "cpu"
     numpy.testing.assert_array_equal(layer.forward(_on_stand_in_device([1.0])), [3.0])
@@ -110,8 +111,20 @@ def test_a_layer_with_parameters_goes_where_its_parameters_are(stand_in_device, 
     assert layer.backward(numpy.array([1.0])) == numpy.array([3.0])
     layer.weight.data = _on_stand_in_device(layer.weight.data)
     assert layer.device == "gpu"
-    assert layer.forward(numpy.array([1.0])) == "scaling.forward"
+    assert layer.forward(_on_stand_in_device([1.0])) == "scaling.forward"
     assert layer.backward(2.0) == "scaling.backward"
+    assert [name for name, _ in twin_calls] == ["scaling.forward", "scaling.backward"]
+
+
+def test_a_host_input_runs_the_formula_which_refuses_it_for_parameters_on_the_device(stand_in_device):
+    """A NumPy input never reaches a twin: a layer whose parameters are on the device refuses it in its
+    formula, in one line, as its twin would."""
+    from scratchvit.layers import LayerNorm
+    layer = LayerNorm(4, dtype="float64")
+    for parameter in layer.parameters():
+        parameter.data = _on_stand_in_device(parameter.data)
+    with pytest.raises(ValueError, match=r"^LayerNorm: the input is on the CPU"):
+        layer.forward(numpy.ones((2, 4)))
 
 
 def test_a_dispatched_function_goes_where_its_array_is(stand_in_device, twin_calls):

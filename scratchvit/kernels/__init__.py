@@ -1,10 +1,10 @@
 """The GPU twins: for each formula that has one, a CuPy kernel computing the same steps in fewer launches.
 
-Why fuse. CuPy spends tens of microseconds of Python per kernel launch (argument parsing, type
-resolution, the kernel cache look-up), and each plain array operation is one launch plus, usually, one
-temporary array. A LayerNorm written with array operations (row mean, centring, square, row mean, add
-eps, sqrt, reciprocal, scale, times gamma, plus beta) is about ten launches; on the small tensors of a
-ViT that overhead, not the GPU's arithmetic, sets the step time. A twin does the same arithmetic, in
+Why fuse. Each CuPy launch costs Python time on the host (argument parsing, type resolution, the
+kernel cache look-up), and each plain array operation is one launch plus, usually, one temporary
+array. A LayerNorm written with array operations (row mean, centring, square, row mean, add eps,
+sqrt, reciprocal, scale, times gamma, plus beta) is about ten launches; on the small tensors of a ViT
+the host's share, not the GPU's arithmetic, can set the step time (the README's GPU figures). A twin does the same arithmetic, in
 the same order, in one launch (or two), and two products go to cuBLAS with its transpose flag where
 CuPy would first copy a transposed operand.
 

@@ -48,8 +48,7 @@ C_TYPES = {"float32": "float", "float64": "double"}
 
 # NVRTC option: no contraction of a*b+c into one fused multiply-add, so each kernel rounds every
 # product as the plain formula (one array operation per product) does. Without it, a kernel computing
-# exp(a * b - m) would round differently from the plain version, which rounds a * b first. The kernels
-# are memory-bound: keeping each product's rounding costs them nothing of note.
+# exp(a * b - m) would round differently from the plain version, which rounds a * b first.
 COMPILE_OPTIONS = ("--fmad=false",)
 
 # The sources, filled by the twin modules (define_kernels); plain strings, building them needs no CuPy.

@@ -27,10 +27,14 @@ twin of a method (scratchvit/twins.py, `register_gpu_twin(GELU.forward)`, from s
 `Layer.__init_subclass__` wraps each subclass's own `forward`, `forward_*` and `backward`: a forward
 of a layer class that has twins records whether the layer computes on the GPU (its parameters' device,
 `Layer.device`, or for a layer without parameters the device of the array it received), and calls the
-twin if so; backward goes where that forward went. A class without twins pays one set look-up per call.
+twin if so; backward goes where that forward went, whatever its argument. A NumPy input goes to the
+formula without a look at the parameters: if they are on the GPU, the formula refuses the input
+(check_same_device) as the twin would. So on the CPU a call costs a set look-up and a type test.
 """
 import contextlib
 import functools
+
+import numpy
 
 from ..backend import get_array_module, get_backend, is_gpu_array
 from ..twins import GPU_TWINS, TWINNED_LAYERS, dispatched
@@ -98,12 +102,17 @@ def _dispatching(layer_class, method):
         @functools.wraps(method)
         def dispatching(self, *arguments, **options):
             if layer_class in TWINNED_LAYERS:
-                device = self.device                     # the input decides only for a layer without parameters
-                on_gpu = is_gpu_array(arguments[0]) if device is None else device == "gpu"
+                x = arguments[0]
+                if type(x) is numpy.ndarray:             # a host input: the formula (module docstring)
+                    on_gpu = False
+                else:                                    # the input decides only for a layer without parameters
+                    device = self.device
+                    on_gpu = is_gpu_array(x) if device is None else device == "gpu"
                 self._forward_on_gpu = on_gpu            # where backward goes
-                twin = GPU_TWINS.get(dispatching)
-                if on_gpu and twin is not None:
-                    return twin(self, *arguments, **options)
+                if on_gpu:
+                    twin = GPU_TWINS.get(dispatching)
+                    if twin is not None:
+                        return twin(self, *arguments, **options)
             return method(self, *arguments, **options)
     dispatching.dispatches_to_gpu_twin = True
     dispatching.layer_class = layer_class
@@ -181,14 +190,6 @@ class Layer:
             for layer, training in modes:
                 layer.training = training
 
-    @property
-    def device(self):
-        """"cpu" or "gpu", where the layer's first parameter lives (so where it computes); None for a
-        layer without parameters, which computes where its input lives."""
-        for _, parameter in self.named_parameters():
-            return "gpu" if is_gpu_array(parameter.data) else "cpu"
-        return None
-
     def to(self, device):
         """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero
         gradients. The layer then computes on that device: this is how a model, or a layer alone, is moved."""
@@ -196,3 +197,11 @@ class Layer:
         for parameter in self.parameters():
             parameter.data = backend.asarray(parameter.data)
         return self
+
+    @property
+    def device(self):
+        """"cpu" or "gpu", where the layer's first parameter lives (so where it computes); None for a
+        layer without parameters, which computes where its input lives."""
+        for _, parameter in self.named_parameters():
+            return "gpu" if is_gpu_array(parameter.data) else "cpu"
+        return None
