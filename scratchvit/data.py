@@ -402,7 +402,7 @@ def normalize(images_uint8, backend, dtype="float32"):
     return normalized
 
 
-@dispatched(lambda images, *rest: images)
+@dispatched(lambda images, shifts, fill=BACKGROUND: images)
 def shift_images(images, shifts, fill=BACKGROUND):
     """Translate image b of (B, C, H, W) `images` by the integers shifts[b] = (dy, dx).
 

@@ -13,7 +13,7 @@ A call then goes to the twin when the work is on the GPU, else to the formula. W
   the layer's parameters, or, without parameters, by the array forward received; backward goes where
   forward went (its argument may be a Python number);
 - any other function or method marked `@dispatched(device_of)`: the device of the array that
-  `device_of(*positional arguments)` returns (AdamW's flat buffers, the averaged weights, the images).
+  `device_of`, given the call's arguments (so it has the function's signature), returns (AdamW's flat buffers, the averaged weights, the images).
 Importing scratchvit.kernels (scratchvit/__init__.py does) fills the registry; CuPy itself is imported
 only when a kernel first runs. Kernel modules import the formulas' modules, never the reverse.
 """
@@ -42,12 +42,13 @@ def register_gpu_twin(target):
 
 def dispatched(device_of):
     """Decorator for a function (or a method of a class that is not a Layer) that may have a GPU twin:
-    a call goes to the twin when `device_of(*positional arguments)` is a CuPy array, else to the function."""
+    a call goes to the twin when `device_of(*arguments, **options)`, a function with the same signature,
+    returns a CuPy array, else to the function."""
     def decorate(function):
         @functools.wraps(function)
         def dispatching(*arguments, **options):
             twin = GPU_TWINS.get(dispatching)
-            if twin is not None and is_gpu_array(device_of(*arguments)):
+            if twin is not None and is_gpu_array(device_of(*arguments, **options)):
                 return twin(*arguments, **options)
             return function(*arguments, **options)
         dispatching.dispatches_to_gpu_twin = True

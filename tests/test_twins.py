@@ -7,6 +7,7 @@ optimiser's, the weight average's or shift_images') holds a device branch, read 
 `Layer.device` and `Layer.evaluating()`.
 """
 import ast
+import inspect
 import pathlib
 
 import numpy
@@ -60,9 +61,9 @@ class _Scaling(Layer):
         return grad_out * self.weight.data
 
 
-@dispatched(lambda x: x)
-def _halve(x):
-    return x / 2.0
+@dispatched(lambda x, divisor=2.0: x)
+def _halve(x, divisor=2.0):
+    return x / divisor
 
 
 @pytest.fixture
@@ -128,9 +129,12 @@ def test_a_host_input_runs_the_formula_which_refuses_it_for_parameters_on_the_de
 
 
 def test_a_dispatched_function_goes_where_its_array_is(stand_in_device, twin_calls):
+    """Judged by the array its device_of picks, with the arguments given by position or by name."""
     assert _halve(numpy.array([4.0])) == numpy.array([2.0])
+    assert _halve(x=numpy.array([4.0]), divisor=4.0) == numpy.array([1.0])
     assert _halve(_on_stand_in_device([4.0])) == "halve"
-    assert [name for name, _ in twin_calls] == ["halve"]
+    assert _halve(x=_on_stand_in_device([4.0]), divisor=4.0) == "halve"
+    assert [name for name, _ in twin_calls] == ["halve", "halve"]
 
 
 def test_a_layer_class_without_twins_runs_its_formula_even_on_the_device(stand_in_device, twin_calls):
@@ -168,6 +172,20 @@ def test_every_gpu_twin_of_the_package_is_registered():
     for target in expected:
         assert target in twins.GPU_TWINS, target.__qualname__
     assert len(twins.GPU_TWINS) == len(expected)
+
+
+def test_every_gpu_twin_takes_the_arguments_of_its_formula():
+    """A twin is called with the formula's arguments: the same parameters, kinds and defaults (the first,
+    self, may have another name), so a call that omits a default works on both devices."""
+    for target, twin in twins.GPU_TWINS.items():
+        formula = inspect.signature(target.__wrapped__).parameters.values()
+        standing_in = inspect.signature(twin).parameters.values()
+        described = [[(parameter.kind, parameter.default) for parameter in parameters]
+                     for parameters in (formula, standing_in)]
+        assert described[0] == described[1], target.__qualname__
+        names = [[parameter.name for parameter in parameters] for parameters in (formula, standing_in)]
+        first = 1 if "." in target.__qualname__ else 0          # a method's self
+        assert names[0][first:] == names[1][first:], target.__qualname__
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,4 +54,6 @@ def shift_images(images, shifts, fill):
     return shifted
 
 
-register_gpu_twin(data.shift_images)(shift_images)
+@register_gpu_twin(data.shift_images)
+def shift_images_on_gpu(images, shifts, fill=data.BACKGROUND):
+    return shift_images(images, shifts, fill)

@@ -20,7 +20,7 @@ from .reductions import row_sum
 from ..backend import get_array_module
 
 
-@dispatched(lambda scores: scores)
+@dispatched(lambda scores, overwrite=False: scores)
 def softmax(scores, *, overwrite=False):
     """Row-wise softmax of `scores` (..., n). With overwrite=True the result is computed in the
     memory of `scores` (the caller's own temporary), saving two allocations of its size."""
@@ -33,7 +33,7 @@ def softmax(scores, *, overwrite=False):
     return exps
 
 
-@dispatched(lambda probs, grad_probs: probs)
+@dispatched(lambda probs, grad_probs, overwrite=False: probs)
 def softmax_backward(probs, grad_probs, *, overwrite=False):
     """dL/ds = p * (g - sum(g * p)) for p = softmax(s) and g = dL/dp, row-wise over the last axis.
     With overwrite=True the result is computed in the memory of `grad_probs` (the caller's temporary)."""
