@@ -2,9 +2,11 @@
 
 Runs without a GPU: a stand-in array type (a NumPy subclass) plays the device array, as in
 tests/test_layer_properties.py::test_a_layer_refuses_an_input_on_another_device, and stand-in twins
-record that they were called. Also here: no forward/backward body under scratchvit/layers/ (nor the
-optimiser's, the weight average's or shift_images') holds a device branch, read from their syntax trees;
-`Layer.device` and `Layer.evaluating()`.
+record that they were called. Also here: every twin takes its formula's arguments; no forward/backward
+body under scratchvit/layers/ (nor the optimiser's, the weight average's or shift_images') holds a device
+branch, read from their syntax trees; `Layer.device` and `Layer.evaluating()`; and the layer twins' own
+steps, run on a CPU with their kernels computed by NumPy (tests/test_kernels.py holds the kernels
+themselves against NumPy on a GPU).
 """
 import ast
 import inspect
@@ -270,3 +272,147 @@ def test_evaluating_sets_eval_mode_and_restores_each_layers_mode_also_on_an_exce
         with model.evaluating():
             raise RuntimeError("inside")
     assert [layer.training for layer in model.layers()] == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# The twins' own steps, run without a GPU: their kernels replaced by the formulas on the host
+# ---------------------------------------------------------------------------------------------------
+
+def _host(array):
+    return numpy.asarray(array).view(numpy.ndarray)
+
+
+def _numpy_kernels(monkeypatch):
+    """Each kernel wrapper a twin calls, replaced by its formula run by NumPy on the stand-in's data (the
+    formula bodies, `__wrapped__`, past the dispatch); returns the set of the kernels called."""
+    from scratchvit import kernels
+    from scratchvit.layers import LayerNorm, SoftmaxCrossEntropy, softmax, softmax_backward
+    called = set()
+
+    def kernel(module, name):
+        def replace(function):
+            def record(*arguments, **options):
+                called.add(name)
+                return function(*arguments, **options)
+            monkeypatch.setattr(module, name, record)
+        return replace
+
+    @kernel(kernels.gelu, "gelu_forward")
+    def _(x):
+        layer = GELU()
+        return _on_stand_in_device(GELU.forward.__wrapped__(layer, _host(x))), _on_stand_in_device(layer.t)
+
+    @kernel(kernels.gelu, "gelu_backward")
+    def _(x, t, grad_out):
+        layer = GELU()
+        layer.x, layer.t = _host(x), _host(t)
+        return _on_stand_in_device(GELU.backward.__wrapped__(layer, grad_out))
+
+    @kernel(kernels.layernorm, "layernorm_forward")
+    def _(x, gamma, beta, eps):
+        layer = LayerNorm(x.shape[-1], eps, dtype=x.dtype)
+        layer.weight.data[...], layer.bias.data[...] = _host(gamma), _host(beta)
+        y = LayerNorm.forward.__wrapped__(layer, _host(x))
+        return tuple(_on_stand_in_device(array) for array in (y, layer.xhat, layer.rstd))
+
+    @kernel(kernels.layernorm, "layernorm_backward")
+    def _(grad_out, xhat, rstd, gamma):
+        layer = LayerNorm(grad_out.shape[-1], dtype=grad_out.dtype)
+        layer.weight.data[...], layer.xhat, layer.rstd = _host(gamma), _host(xhat), _host(rstd)
+        grad_x = LayerNorm.backward.__wrapped__(layer, _host(grad_out))
+        return tuple(_on_stand_in_device(array) for array in (grad_x, layer.weight.grad, layer.bias.grad))
+
+    kernel(kernels.softmax, "softmax_forward")(lambda scores: softmax.__wrapped__(scores))
+    kernel(kernels.softmax, "softmax_backward")(lambda probs, grad: softmax_backward.__wrapped__(probs, grad))
+
+    @kernel(kernels.attention, "split_qkv")
+    def _(qkv, heads, scale):
+        B, T, three_dim = qkv.shape
+        q, k, v = qkv.reshape(B, T, 3, heads, three_dim // (3 * heads)).transpose(2, 0, 3, 1, 4)
+        k, v = numpy.ascontiguousarray(k), numpy.ascontiguousarray(v)
+        return (q * scale, k, v, numpy.ascontiguousarray(k.transpose(0, 1, 3, 2)),
+                numpy.ascontiguousarray(v.transpose(0, 1, 3, 2)))
+
+    @kernel(kernels.attention, "merge_grad_qkv")
+    def _(grad_heads, scale):
+        grad_heads = grad_heads.copy()
+        grad_heads[0] *= scale
+        _, B, H, T, d = grad_heads.shape
+        return grad_heads.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * d)
+
+    kernel(kernels.attention, "transposed_product")(lambda a, b, out: numpy.matmul(a.swapaxes(-1, -2), b, out=out))
+    monkeypatch.setattr(kernels.attention, "cupy_module", lambda: numpy)
+
+    @kernel(kernels.linear, "add_transposed_product")
+    def _(a, b, out):
+        out += a.T @ b
+        return out
+
+    def dropout_mask(x, p, generator):
+        return (generator.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype) * (1.0 / (1.0 - p))
+
+    @kernel(kernels.dropout, "dropout_forward")
+    def _(x, p, generator):
+        mask = dropout_mask(x, p, generator)
+        return x * mask, mask
+
+    @kernel(kernels.dropout, "add_dropout_forward")
+    def _(residual, x, p, generator):
+        mask = dropout_mask(x, p, generator)
+        return residual + x * mask, mask
+
+    kernel(kernels.dropout, "add_dropout")(lambda residual, x, mask: residual + x * mask)
+
+    @kernel(kernels.cross_entropy, "cross_entropy_forward")
+    def _(logits, labels, smoothing):
+        layer = SoftmaxCrossEntropy(smoothing)
+        loss = SoftmaxCrossEntropy.forward.__wrapped__(layer, _host(logits), _host(labels))
+        return _on_stand_in_device(loss), _on_stand_in_device(layer.probs)
+
+    @kernel(kernels.cross_entropy, "cross_entropy_backward")
+    def _(probs, labels, smoothing, grad_loss):
+        layer = SoftmaxCrossEntropy(smoothing)
+        layer.probs, layer.labels = _host(probs).copy(), _host(labels)
+        return _on_stand_in_device(SoftmaxCrossEntropy.backward.__wrapped__(layer, grad_loss))
+    return called
+
+
+@pytest.mark.parametrize("dropout,training", [(0.0, True), (0.2, True), (0.2, False)])
+def test_the_layer_twins_steps_give_the_formulas_results(stand_in_device, monkeypatch, dropout, training):
+    """An EncoderBlock and the loss on the stand-in device run every layer twin's own steps (what each
+    stores for backward, the order of its kernels), the kernels computed by NumPy: output, input gradient
+    and parameter gradients equal those of a host twin block to rounding, and every kernel is called."""
+    from scratchvit.encoder_block import EncoderBlock
+    from scratchvit.layers import SoftmaxCrossEntropy
+    called = _numpy_kernels(monkeypatch)
+
+    def build():
+        return EncoderBlock(16, 2, 24, dropout=dropout, dtype="float64", rng=numpy.random.default_rng(1),
+                            dropout_seeds=(3, 4, 5)).train(training)
+    on_host, on_device = build(), build()
+    for parameter in on_device.parameters():
+        parameter.data = _on_stand_in_device(parameter.data)
+    rng = numpy.random.default_rng(2)
+    x, grad_out = rng.standard_normal((2, 9, 16)), rng.standard_normal((2, 9, 16))
+    expected = [on_host.forward(x.copy()), on_host.backward(grad_out.copy())]
+    actual = [on_device.forward(_on_stand_in_device(x)), on_device.backward(_on_stand_in_device(grad_out))]
+    assert all(isinstance(value, _StandInDeviceArray) for value in actual)
+    expected += [parameter.grad for parameter in on_host.parameters()]
+    actual += [parameter.grad for parameter in on_device.parameters()]
+    for value, reference in zip(actual, expected):
+        numpy.testing.assert_allclose(_host(value), reference, rtol=1e-12, atol=1e-12)
+    loss_on_device, loss_on_host = SoftmaxCrossEntropy(0.1), SoftmaxCrossEntropy(0.1)
+    logits, labels = rng.standard_normal((4, 5)), numpy.array([0, 1, 4, 2])
+    loss_on_device.forward(_on_stand_in_device(logits), _on_stand_in_device(labels))
+    loss_on_host.forward(logits, labels)
+    numpy.testing.assert_allclose(_host(loss_on_device.backward(0.5)), loss_on_host.backward(0.5), rtol=1e-12)
+    gelu, gelu_on_host = GELU(), GELU()                  # a 0-d output: backward's argument is a number
+    gelu.forward(_on_stand_in_device(0.7))
+    gelu_on_host.forward(numpy.array(0.7))
+    assert float(gelu.backward(0.5)) == pytest.approx(float(gelu_on_host.backward(0.5)), rel=1e-12)
+    kernels_used = {"gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
+                    "softmax_backward", "split_qkv", "merge_grad_qkv", "transposed_product", "add_transposed_product",
+                    "cross_entropy_forward", "cross_entropy_backward"}
+    if dropout and training:
+        kernels_used |= {"dropout_forward", "add_dropout_forward"}
+    assert called == kernels_used
