@@ -17,15 +17,12 @@ draws on, through all the layers at once.
 Both run one forward pass in eval mode (dropout off) and restore the model's mode.
 """
 from .backend import get_array_module, to_host
+from .layers import softmax
 
 
 def _forward_in_eval_mode(model, images):
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         return model.forward(images)
-    finally:
-        model.train(was_training)
 
 
 def _to_grid(cls_to_patches):
@@ -59,9 +56,7 @@ def inspect(model, images):
     xp = get_array_module(logits)
     attentions = [block.attn.attn for block in model.blocks]
     heads = xp.stack([attention[:, :, 0, 1:] for attention in attentions], axis=1)     # (B, L, H, N)
-    shifted = logits - logits.max(axis=1, keepdims=True)                             # max-subtracted softmax
-    probabilities = xp.exp(shifted)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities = softmax(logits)
     return dict(logits=to_host(logits), probabilities=to_host(probabilities),
                 rollout=rollout_from_attentions(attentions), heads=_to_grid(to_host(heads)))
 

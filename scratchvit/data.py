@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy
 
-from .backend import get_array_module, get_backend, is_gpu_array
+from .backend import get_array_module, get_backend
+from .twins import dispatched
 
 
 class DataError(Exception):
@@ -460,6 +461,7 @@ def normalize(images_uint8, backend, dtype="float32"):
     return normalized
 
 
+@dispatched(lambda images, shifts, fill=BACKGROUND: images)
 def shift_images(images, shifts, fill=BACKGROUND):
     """Translate image b of (B, C, H, W) `images` by the integers shifts[b] = (dy, dx).
 
@@ -468,11 +470,8 @@ def shift_images(images, shifts, fill=BACKGROUND):
     so a positive dy moves the content down and a positive dx moves it right. One gather with
     computed indices for the whole batch: the source row/column of every output pixel is clipped
     into the image, gathered, and the pixels whose source lay outside are replaced by `fill`.
-    On the GPU the same, pixel by pixel, runs as one kernel (fused.shift_images).
+    On the GPU the same, pixel by pixel, runs as one kernel (kernels/shift_images.py).
     """
-    if is_gpu_array(images):
-        from .fused import shift_images as fused_shift_images
-        return fused_shift_images(images, shifts, fill)
     xp = get_array_module(images)
     batch, channels, height, width = images.shape
     shifts = xp.asarray(shifts)                          # (B, 2), on the images' device

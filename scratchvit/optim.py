@@ -10,7 +10,7 @@ This is exactly torch.optim.AdamW.
 
 Flat buffer: at construction every parameter's data and gradient are copied into two flat arrays
 and the parameters' `.data` / `.grad` become views into them. Then one step is a few array
-operations over all parameters at once (one fused kernel on the GPU), the gradient norm is one
+operations over all parameters at once (one kernel on the GPU: kernels/adamw.py), the gradient norm is one
 dot product, and zeroing the gradients is one fill. Layers keep writing `param.grad += ...` into
 their views. If a parameter's `.data` is later replaced by a new array, the next step copies it
 back into the flat buffer and makes it a view again.
@@ -25,6 +25,7 @@ example to skip weight decay on biases, LayerNorm parameters and embeddings.
 import math
 
 from .backend import get_array_module, is_gpu_array, to_host
+from .twins import dispatched
 
 CLIP_EPS = 1e-6   # clip_grad_norm scales by max_norm / (norm + CLIP_EPS), as torch.nn.utils.clip_grad_norm_
 
@@ -111,11 +112,9 @@ class AdamW:
     def zero_grad(self):
         self.grad.fill(0)
 
+    @dispatched(lambda optimizer: optimizer.grad)
     def grad_norm(self):
         """The global L2 norm of all gradients, as a 0-d array (no host synchronisation)."""
-        if is_gpu_array(self.grad):
-            from .fused import l2_norm
-            return l2_norm(self.grad)
         xp = get_array_module(self.grad)
         return xp.sqrt(xp.dot(self.grad, self.grad))
 
@@ -123,14 +122,15 @@ class AdamW:
         """Scale all gradients so their global norm is at most max_norm; returns the norm before clipping."""
         if not max_norm > 0:
             raise ValueError(f"max_norm must be positive, got {max_norm!r}")
-        xp = get_array_module(self.grad)
         norm = self.grad_norm()
-        if is_gpu_array(self.grad):          # the line below in one launch, the norm read on the device
-            from .fused import scale_to_max_norm
-            scale_to_max_norm(self.grad, norm, max_norm, CLIP_EPS)
-            return norm
-        self.grad *= xp.minimum(1.0, max_norm / (norm + CLIP_EPS)).astype(self.grad.dtype)
+        self.scale_to_max_norm(norm, max_norm)
         return norm
+
+    @dispatched(lambda optimizer, norm, max_norm: optimizer.grad)
+    def scale_to_max_norm(self, norm, max_norm):
+        """grad *= minimum(1, max_norm / (norm + CLIP_EPS)), norm the 0-d array grad_norm gave."""
+        xp = get_array_module(self.grad)
+        self.grad *= xp.minimum(1.0, max_norm / (norm + CLIP_EPS)).astype(self.grad.dtype)
 
     def _resync_replaced_parameters(self):
         for index, parameter in enumerate(self.parameters):
@@ -146,16 +146,15 @@ class AdamW:
 
     def step(self):
         self._resync_replaced_parameters()
-        xp = get_array_module(self.data)
         self._count_step()
         beta1, beta2 = self.betas
-        bias_correction1 = 1.0 - beta1 ** self.step_count
-        bias_correction2 = 1.0 - beta2 ** self.step_count
-        if is_gpu_array(self.data):          # the whole update below as one fused kernel (fused.py)
-            from .fused import adamw_step
-            adamw_step(self.data, self.grad, self.exp_avg, self.exp_avg_sq, self.decay_mask, self.lr, beta1, beta2,
-                       self.eps, self.weight_decay, bias_correction1, bias_correction2)
-            return
+        self.apply_step(1.0 - beta1 ** self.step_count, 1.0 - beta2 ** self.step_count)
+
+    @dispatched(lambda optimizer, bias_correction1, bias_correction2: optimizer.data)
+    def apply_step(self, bias_correction1, bias_correction2):
+        """The update of the module docstring for the step already counted, bc1 and bc2 its bias corrections."""
+        xp = get_array_module(self.data)
+        beta1, beta2 = self.betas
         g, m, v, update = self.grad, self.exp_avg, self.exp_avg_sq, self.update
         # m = beta1 m + (1 - beta1) g
         m *= beta1

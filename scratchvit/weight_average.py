@@ -11,13 +11,14 @@ random initial weights quickly: d_1 = 0.18, d_100 = 0.93. It starts equal to the
 whose weights never change averages to exactly itself.
 
 It works on AdamW's flat weight buffer (optim.py), so an update is three array operations over all
-weights at once (on the GPU one kernel, fused.weight_average_update), and `in_place_of_weights()` swaps
+weights at once (on the GPU one kernel, kernels/weight_average.py), and `in_place_of_weights()` swaps
 the average into that buffer: every view of it (the model's parameters, TrainStep's replicas) then
 computes with the average, for evaluation and for saving it, and the trained weights come back afterwards.
 """
 import contextlib
 
-from .backend import get_array_module, is_gpu_array
+from .backend import get_array_module
+from .twins import dispatched
 
 
 class WeightAverage:
@@ -36,16 +37,15 @@ class WeightAverage:
 
     def update(self):
         """Move the average towards the weights; call after every optimiser step."""
-        rate = 1.0 - self.current_decay()
-        if is_gpu_array(self.weights):       # the same three steps in one launch, without the temporary
-            from .fused import weight_average_update
-            weight_average_update(self.weights, self.average, rate)
-        else:
-            # average += (1 - d) (theta - average)
-            step = get_array_module(self.weights).subtract(self.weights, self.average)
-            step *= rate
-            self.average += step
+        self.move_towards_weights(1.0 - self.current_decay())
         self.updates += 1
+
+    @dispatched(lambda average, rate: average.weights)
+    def move_towards_weights(self, rate):
+        """average += rate * (theta - average), rate = 1 - d_t."""
+        step = get_array_module(self.weights).subtract(self.weights, self.average)
+        step *= rate
+        self.average += step
 
     @contextlib.contextmanager
     def in_place_of_weights(self):

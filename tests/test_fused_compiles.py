@@ -1,25 +1,25 @@
-"""Every kernel in scratchvit/fused.py compiles with NVRTC, for float32 and float64, with no GPU needed.
+"""Every kernel in scratchvit/kernels/ compiles with NVRTC, for float32 and float64, with no GPU needed.
 
-Why: tests/test_fused.py runs the kernels, so it needs a CUDA device and skips everywhere else, and a
+Why: tests/test_kernels.py runs the kernels, so it needs a CUDA device and skips everywhere else, and a
 typo in a kernel string would go unnoticed until someone ran on a GPU. CuPy writes each kernel's CUDA
 source on the host and hands it to NVRTC, which needs no device. So any machine with CuPy and NVRTC can
 check that the kernels compile. This file is not marked `gpu`. It skips where CuPy or NVRTC is missing.
 
 What is compiled: each kernel, for T = float and T = double, for sm_90 (H100), with the options
-fused.py gives it (`_COMPILE_OPTIONS`). The kernel objects come from fused.py's own builders
-(`_raw`, `_elementwise`), so new entries in the registries are covered automatically:
-- `_RAW_SOURCES`: the RawKernel's source, compiled the way RawKernel compiles it on first launch.
-- `_ELEMENTWISE_SOURCES`: CuPy wraps the operation in a full kernel at call time, with parameter
+kernels/compile.py gives it (`COMPILE_OPTIONS`). The kernel objects come from its own builders
+(`raw_kernel`, `elementwise_kernel`), so new entries in the registries are covered automatically:
+- `RAW_SOURCES`: the RawKernel's source, compiled the way RawKernel compiles it on first launch.
+- `ELEMENTWISE_SOURCES`: CuPy wraps the operation in a full kernel at call time, with parameter
   declarations that depend on the arguments. The source here comes from CuPy's own generator
   (`_get_elementwise_kernel_code`, the one `__call__` uses), given a description of the arguments:
   outputs and `raw` inputs as contiguous 1-D arrays. Every other input appears once as an array
   and once as a scalar, the two forms CuPy emits depending on what the caller passes.
-Those are the only two kinds fused.py uses. It has no cupy.ReductionKernel: CuPy runs a full
+Those are the only two kinds kernels/ uses. It has no cupy.ReductionKernel: CuPy runs a full
 reduction of 128 or more elements through CUB kernels that it generates and compiles (with NVRTC)
 inside Cython-only code (cupy/_core/_cub_reduction.pyx), which this file could not rebuild.
 
-Two more checks: that CuPy hands NVRTC fused.py's --fmad=false together with its own -ftz=true (the
-arithmetic fused.py's docstring describes), and that a kernel with an error does fail here.
+Two more checks: that CuPy hands NVRTC kernels/compile.py's --fmad=false together with its own -ftz=true (the
+arithmetic kernels/'s docstring describes), and that a kernel with an error does fail here.
 
 How, without a device: CuPy asks the device only two things. It asks for the architecture, and
 the fixture answers sm_90. It asks the device to load the compiled module, and the fixture keeps
@@ -33,7 +33,7 @@ import types
 import numpy
 import pytest
 
-from scratchvit import fused
+from scratchvit.kernels import compile as kernel_compile
 
 try:
     import cupy
@@ -71,11 +71,11 @@ def nvrtc_only():
         patch.setattr(compiler, "_get_arch_for_options_for_nvrtc",
                       compiler._get_arch_for_options_for_nvrtc.__wrapped__)
         patch.setattr(compiler, "function", types.SimpleNamespace(Module=_CubinModule))
-        # fused's builders get CuPy through _cupy(), which checks for a device: hand them CuPy, and
+        # the builders get CuPy through cupy_module(), which checks for a device: hand them CuPy, and
         # empty caches so that no kernel object built here outlives the test.
-        patch.setattr(fused, "_cupy_module", cupy)
+        patch.setattr(kernel_compile, "_cupy_module", cupy)
         for cache in ("_raw_kernels", "_elementwise_kernels"):
-            patch.setattr(fused, cache, {})
+            patch.setattr(kernel_compile, cache, {})
         yield
 
 
@@ -110,18 +110,18 @@ def _dtype_of(param, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(fused._RAW_SOURCES))
+@pytest.mark.parametrize("name", sorted(kernel_compile.RAW_SOURCES))
 def test_raw_kernel_compiles(nvrtc_only, name, dtype):
-    kernel = fused._raw(name, numpy.dtype(dtype))
+    kernel = kernel_compile.raw_kernel(name, numpy.dtype(dtype))
     # What RawKernel does on its first launch (cupy/_core/raw.pyx, _get_raw_module).
     _compile(kernel.code, kernel.options, prepend_cupy_headers=False, backend=kernel.backend)
 
 
 @pytest.mark.parametrize("inputs_as", ["arrays", "scalars"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", sorted(fused._ELEMENTWISE_SOURCES))
+@pytest.mark.parametrize("name", sorted(kernel_compile.ELEMENTWISE_SOURCES))
 def test_elementwise_kernel_compiles(nvrtc_only, name, dtype, inputs_as):
-    kernel = fused._elementwise(name)
+    kernel = kernel_compile.elementwise_kernel(name)
     # What ElementwiseKernel does with that source (_get_simple_elementwise_kernel_from_code).
     _compile(_elementwise_source(kernel, numpy.dtype(dtype), inputs_as), kernel.kwargs.get("options", ()))
 
@@ -144,17 +144,17 @@ def _elementwise_source(kernel, dtype, inputs_as):
 
 
 def test_every_raw_kernel_source_is_compiled_above():
-    """The parametrisation above is the registry itself; fused.py builds every RawKernel from it."""
-    names = set(fused._RAW_SOURCES)
+    """The parametrisation above is the registry itself; kernels/ builds every RawKernel from it."""
+    names = set(kernel_compile.RAW_SOURCES)
     assert {"scratchvit_split_qkv", "scratchvit_merge_grad_qkv", "scratchvit_l2_norm_partials",
             "scratchvit_l2_norm_finish", "scratchvit_layernorm_forward", "scratchvit_softmax_forward"} <= names
-    assert "scratchvit_shift_images" in fused._ELEMENTWISE_SOURCES
-    assert not hasattr(fused, "_REDUCTION_SOURCES") and not hasattr(fused, "_reduction")
+    assert "scratchvit_shift_images" in kernel_compile.ELEMENTWISE_SOURCES
+    assert not hasattr(kernel_compile, "REDUCTION_SOURCES") and not hasattr(kernel_compile, "reduction_kernel")
 
 
 def test_nvrtc_gets_fmad_false_and_ftz_true(nvrtc_only, monkeypatch):
-    """The options NVRTC receives for a fused kernel: fused.py's --fmad=false is kept and CuPy adds
-    -ftz=true (cupy/cuda/compiler.py, _compile_with_cache_cuda), as fused.py's docstring says."""
+    """The options NVRTC receives for a fused kernel: kernels/compile.py's --fmad=false is kept and CuPy adds
+    -ftz=true (cupy/cuda/compiler.py, _compile_with_cache_cuda), as kernels/'s docstring says."""
     seen = []
     compile_with_nvrtc = compiler._compile_using_nvrtc_no_warning
 
@@ -163,7 +163,7 @@ def test_nvrtc_gets_fmad_false_and_ftz_true(nvrtc_only, monkeypatch):
         return compile_with_nvrtc(source, options, *args, **kwargs)
 
     monkeypatch.setattr(compiler, "_compile_using_nvrtc_no_warning", record)
-    kernel = fused._raw("scratchvit_split_qkv", numpy.dtype("float32"))
+    kernel = kernel_compile.raw_kernel("scratchvit_split_qkv", numpy.dtype("float32"))
     _compile(kernel.code, kernel.options, prepend_cupy_headers=False, backend=kernel.backend)
     assert seen, "CuPy no longer compiles through _compile_using_nvrtc_no_warning: update this test"
     assert "--fmad=false" in seen[-1] and "-ftz=true" in seen[-1], seen[-1]
@@ -172,7 +172,7 @@ def test_nvrtc_gets_fmad_false_and_ftz_true(nvrtc_only, monkeypatch):
 @pytest.mark.parametrize("name", ["scratchvit_l2_norm_partials", "scratchvit_split_qkv", "scratchvit_softmax_forward"])
 def test_a_broken_raw_kernel_fails_to_compile(nvrtc_only, name):
     """The checks above are not vacuous: the same kernel with one member misspelt fails, with NVRTC's log."""
-    kernel = fused._raw(name, numpy.dtype("float64"))
+    kernel = kernel_compile.raw_kernel(name, numpy.dtype("float64"))
     broken = kernel.code.replace("blockIdx.x", "blockIdx.x_", 1)
     assert broken != kernel.code
     with pytest.raises(pytest.fail.Exception, match='has no member "x_"'):
@@ -180,8 +180,8 @@ def test_a_broken_raw_kernel_fails_to_compile(nvrtc_only, name):
 
 
 def test_a_broken_elementwise_kernel_fails_to_compile(nvrtc_only):
-    in_params, out_params, operation = fused._ELEMENTWISE_SOURCES["scratchvit_add_dropout_forward"]
+    in_params, out_params, operation = kernel_compile.ELEMENTWISE_SOURCES["scratchvit_add_dropout_forward"]
     broken = cupy.ElementwiseKernel(in_params, out_params, operation.replace("scale", "scael", 1),
-                                    "scratchvit_add_dropout_forward", options=fused._COMPILE_OPTIONS)
+                                    "scratchvit_add_dropout_forward", options=kernel_compile.COMPILE_OPTIONS)
     with pytest.raises(pytest.fail.Exception, match='identifier "scael" is undefined'):
-        _compile(_elementwise_source(broken, numpy.dtype("float32"), "arrays"), fused._COMPILE_OPTIONS)
+        _compile(_elementwise_source(broken, numpy.dtype("float32"), "arrays"), kernel_compile.COMPILE_OPTIONS)

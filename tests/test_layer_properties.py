@@ -416,7 +416,7 @@ def test_cross_entropy_out_of_range_labels_raise(backend, request, labels):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "softmax_cross_entropy.py checks the label range on the host only (on the GPU the check would "
             "wait for the device every step); there the fused kernel gives such a row a NaN loss instead "
-            "of raising (tests/test_fused.py::test_cross_entropy_out_of_range_label_gives_nan_not_a_crash)")))
+            "of raising (tests/test_kernels.py::test_cross_entropy_out_of_range_label_gives_nan_not_a_crash)")))
     layer = SoftmaxCrossEntropy()
     with pytest.raises(ValueError, match="labels"):
         layer.forward(backend.xp.zeros((2, 3)), backend.asarray(labels, dtype="int64"))
@@ -675,6 +675,7 @@ def test_a_layer_refuses_an_input_on_another_device(monkeypatch, layer_name, whe
     """An input on another device than the layer's parameters is refused by the layer itself, in one line
     that says what to do; on one device (the stand-in's or the host) the layer computes."""
     monkeypatch.setattr(layer_module, "is_gpu_array", lambda array: isinstance(array, _StandInDeviceArray))
+    monkeypatch.setattr(layer_module, "GPU_TWINS", {})     # no CuPy kernels for the stand-in: the formulas run
     layer, shape = {"Linear": (Linear(6, 5, dtype="float64"), (2, 3, 6)),
                     "LayerNorm": (LayerNorm(6, dtype="float64"), (2, 3, 6)),
                     "ViT": (_small_vit(), (2, 1, 4, 4))}[layer_name]
@@ -711,9 +712,9 @@ def test_a_layer_with_host_weights_refuses_a_cupy_input(layer_name):
         layer.forward(numpy.ones(shape))
 
 
-# The modules whose layers choose a device (NumPy or CuPy, plain or fused) with these two functions.
-_DISPATCHING_MODULES = ("scratchvit.layers.gelu", "scratchvit.layers.layernorm", "scratchvit.layers.linear",
-                        "scratchvit.layers.attention", "scratchvit.layers.softmax",
+# The modules whose layers choose a device (NumPy or CuPy, formula or GPU twin) with these two functions.
+_DISPATCHING_MODULES = ("scratchvit.layers.layer", "scratchvit.layers.gelu", "scratchvit.layers.layernorm",
+                        "scratchvit.layers.linear", "scratchvit.layers.attention", "scratchvit.layers.softmax",
                         "scratchvit.layers.softmax_cross_entropy", "scratchvit.layers.dropout", "scratchvit.vit",
                         "scratchvit.encoder_block")
 

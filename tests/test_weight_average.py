@@ -225,7 +225,7 @@ def test_with_a_validation_split_metrics_also_hold_the_trained_weights_validatio
 @on_gpu
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_on_gpu_the_average_follows_numpys(dtype):
-    """The same weight trajectory averaged on the device (fused.weight_average_update, one kernel) and on
+    """The same weight trajectory averaged on the device (kernels/weight_average.py, one kernel) and on
     the host (three array operations): the same arithmetic in the same order, so equal to rounding."""
     from scratchvit.backend import get_backend, to_host
     gpu = get_backend("gpu")

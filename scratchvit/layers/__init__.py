@@ -1,17 +1,17 @@
 """The layers of a Vision Transformer, each with a hand-written forward and backward pass.
 
-| layer                    | file                         |
-|--------------------------|------------------------------|
-| Parameter, Layer (base)  | layer.py                     |
-| Patchify                 | patchify.py                  |
-| Linear                   | linear.py                    |
-| LayerNorm                | layernorm.py                 |
-| GELU                     | gelu.py                      |
-| Dropout                  | dropout.py                   |
-| softmax (shared)         | softmax.py                   |
-| row and column sums      | reductions.py                |
-| MultiHeadSelfAttention   | attention.py                 |
-| SoftmaxCrossEntropy      | softmax_cross_entropy.py     |
+| layer                    | file                         | GPU twin (scratchvit/kernels/)         |
+|--------------------------|------------------------------|----------------------------------------|
+| Parameter, Layer (base)  | layer.py                     | (the dispatch to the twins)            |
+| Patchify                 | patchify.py                  |                                        |
+| Linear                   | linear.py                    | linear.py (backward)                   |
+| LayerNorm                | layernorm.py                 | layernorm.py                           |
+| GELU                     | gelu.py                      | gelu.py                                |
+| Dropout                  | dropout.py                   | dropout.py (forward, forward_add)      |
+| softmax (shared)         | softmax.py                   | softmax.py                             |
+| row and column sums      | reductions.py                |                                        |
+| MultiHeadSelfAttention   | attention.py                 | attention.py                           |
+| SoftmaxCrossEntropy      | softmax_cross_entropy.py     | cross_entropy.py                       |
 """
 from .layer import Layer, Parameter
 from .patchify import Patchify

@@ -21,26 +21,17 @@ Backward, in reverse, with g = dL/dout:
                             ->  g_q = (g_scores @ k) / sqrt(d),  g_k = g_scores^T @ q_s
     g_qkv = [g_q, g_k, g_v] merged back to (B, T, 3D)  ->  g_x = qkv.backward(g_qkv)
 
-On the GPU (CuPy arrays) the data movement runs as two fused kernels (fused.py), the math unchanged:
-    split_qkv       forward: q_scaled, k, v, k^T, v^T from qkv in one launch (as array operations: 5)
-    merge_grad_qkv  backward: g_q = g_q_scaled * scale and the merge into (B, T, 3D), one launch (2)
-  and grad_context is made contiguous once, because CuPy's batched matmul copies every operand that
-  is not C-contiguous (cupy/_core/_routines_linalg.pyx, `matmul`) and grad_context feeds two products.
-  For the same reason the two products with a transposed (B, H, T, T) operand, attn^T g_context and
-  g_scores^T q_scaled, go to cuBLAS with its transpose flag (fused.transposed_product) instead of
-  through matmul, which would copy attn and g_scores, the largest arrays of the layer, first.
-  Launches per forward + backward, a cuBLAS call counted as one: 9 + 15, of which the two Linears
-  take 4 + 8 (the same steps as plain CuPy array operations: 13 + 21). scale stays on q, as on the
-  CPU: passing it to the softmax kernels' `scale` argument instead would also drop `g_q *= scale`,
-  but merge_grad_qkv does that multiply inside a launch that the merge needs anyway, so it would
-  save nothing more.
+On the GPU the same steps run in the twins of forward and backward (kernels/attention.py), which move
+the data with fewer launches and copies: the split of qkv into heads and the merge of their gradients
+are one kernel each, and the two products with a transposed (B, H, T, T) operand go to cuBLAS with its
+transpose flag instead of a copy of that operand.
 """
 import math
 
 from .layer import Layer
 from .linear import Linear
 from .softmax import softmax, softmax_backward
-from ..backend import get_array_module, host_generator, is_gpu_array
+from ..backend import get_array_module, host_generator
 
 
 class MultiHeadSelfAttention(Layer):
@@ -61,26 +52,26 @@ class MultiHeadSelfAttention(Layer):
         self.v_transposed = None                 # v^T (B, H, d, T), used later in backward
         self.attn = None                         # softmax probabilities (B, H, T, T), used later in backward
 
-    def forward(self, x):
-        xp = get_array_module(x)
+    def check_input(self, x):
+        """ValueError, one line, unless x is (B, T, dim)."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadSelfAttention expects x of shape (B, T, dim={self.dim}), got {x.shape}")
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.check_input(x)
         B, T, D = x.shape
         H, d = self.heads, self.head_dim
         qkv = self.qkv.forward(x)                                          # (B, T, 3D)
         # Contiguous copies of k, k^T, v and v^T (q_scaled is a new array anyway): NumPy's small batched
         # products run about twice as fast on contiguous operands as on transposed views, and the copies
-        # cost less than that; CuPy's batched matmul would make the copies itself.
-        if is_gpu_array(qkv):                # all five arrays from one launch that reads qkv once (fused.py)
-            from ..fused import split_qkv
-            q_scaled, k, v, k_transposed, v_transposed = split_qkv(qkv, H, self.scale)
-        else:
-            qkv = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)              # (3, B, H, T, d)
-            q_scaled = qkv[0] * self.scale                                         # (B, H, T, d)
-            k = xp.ascontiguousarray(qkv[1])                                       # (B, H, T, d)
-            v = xp.ascontiguousarray(qkv[2])                                       # (B, H, T, d)
-            k_transposed = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))           # (B, H, d, T)
-            v_transposed = xp.ascontiguousarray(v.transpose(0, 1, 3, 2))           # (B, H, d, T)
+        # cost less than that.
+        qkv = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)                  # (3, B, H, T, d)
+        q_scaled = qkv[0] * self.scale                                             # (B, H, T, d)
+        k = xp.ascontiguousarray(qkv[1])                                           # (B, H, T, d)
+        v = xp.ascontiguousarray(qkv[2])                                           # (B, H, T, d)
+        k_transposed = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))               # (B, H, d, T)
+        v_transposed = xp.ascontiguousarray(v.transpose(0, 1, 3, 2))               # (B, H, d, T)
         scores = q_scaled @ k_transposed                                   # (B, H, T, T)
         attn = softmax(scores, overwrite=True)                             # (B, H, T, T)
         context = attn @ v                                                 # (B, H, T, d)
@@ -97,30 +88,17 @@ class MultiHeadSelfAttention(Layer):
         grad_merged = self.proj.backward(grad_out)                                 # (B, T, D)
         # forward: merged = context.transpose(0, 2, 1, 3).reshape(B, T, D)
         grad_context = grad_merged.reshape(B, T, H, d).transpose(0, 2, 1, 3)       # (B, H, T, d)
-        on_gpu = is_gpu_array(attn)
-        if on_gpu:                           # one copy, not one inside each of the two products below
-            grad_context = xp.ascontiguousarray(grad_context)
         # the gradients of q, k and v are written straight into one (3, B, H, T, d) buffer
         grad_qkv = xp.empty((3, B, H, T, d), dtype=grad_out.dtype)
         # forward: context = attn @ v
         grad_attn = grad_context @ v_transposed                                    # (B, H, T, T)
-        if on_gpu:                           # attn^T read in place by cuBLAS, not copied (fused.py)
-            from ..fused import transposed_product
-            transposed_product(attn, grad_context, out=grad_qkv[2])                # g_v = attn^T g_context
-        else:
-            xp.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])   # g_v = attn^T g_context
+        xp.matmul(attn.transpose(0, 1, 3, 2), grad_context, out=grad_qkv[2])       # g_v = attn^T g_context
         # forward: attn = softmax(scores)
         grad_scores = softmax_backward(attn, grad_attn, overwrite=True)            # (B, H, T, T)
         # forward: scores = q_scaled @ k^T, q_scaled = q * scale
         xp.matmul(grad_scores, k, out=grad_qkv[0])                                 # g_q_scaled = g_scores k
-        if on_gpu:
-            transposed_product(grad_scores, q_scaled, out=grad_qkv[1])             # g_k = g_scores^T q_scaled
-        else:
-            xp.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])
+        xp.matmul(grad_scores.transpose(0, 1, 3, 2), q_scaled, out=grad_qkv[1])    # g_k = g_scores^T q_scaled
         # forward: q_scaled = q * scale, with q, k, v = qkv.reshape(B, T, 3, H, d).transpose(2, 0, 3, 1, 4)
-        if on_gpu:                           # both steps below in one launch (fused.py)
-            from ..fused import merge_grad_qkv
-            return self.qkv.backward(merge_grad_qkv(grad_qkv, self.scale))
         grad_qkv[0] *= self.scale                                                  # g_q = g_q_scaled * scale
         grad_qkv = grad_qkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * D)          # (B, T, 3D)
         return self.qkv.backward(grad_qkv)

@@ -18,11 +18,12 @@ so the function being differentiated stays the same; `release_mask()` undoes it.
 
 `forward_add(x, residual)` is `residual + forward(x)`, the residual add that follows a branch's
 dropout in a Transformer block: the same mask, drawn the same way and kept for the same backward
-(d/dx = mask, d/dresidual = 1, which the caller adds). On the GPU mask and sum come from one fused
-launch (plus the uniform draw) instead of forward's launch and an add.
+(d/dx = mask, d/dresidual = 1, which the caller adds). With overwrite=True the sum may be written
+into x, the caller's own temporary (a branch's output that no layer keeps). On the GPU (kernels/dropout.py) mask and
+sum come from one launch (plus the uniform draw) instead of forward's launch and an add.
 """
 from .layer import Layer
-from ..backend import get_array_module, is_gpu_array, random_generator
+from ..backend import get_array_module, random_generator
 
 
 class Dropout(Layer):
@@ -73,23 +74,18 @@ class Dropout(Layer):
         if not self.active():
             return x
         if self._needs_new_mask(x):
-            if is_gpu_array(x):              # mask and output in one fused kernel (fused.py)
-                from ..fused import dropout_forward
-                y, self.mask = dropout_forward(x, self.p, self.generator)
-                return y
             keep = self.generator.random(x.shape, dtype=x.dtype) >= self.p
             self.mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
         return x * self.mask
 
-    def forward_add(self, x, residual):
-        """residual + forward(x) as a new array, the mask drawn (or reused) exactly as forward does."""
-        if not (self.active() and is_gpu_array(x)):
-            return residual + self.forward(x)
-        from ..fused import add_dropout, add_dropout_forward
-        if self._needs_new_mask(x):          # the very draw of dropout_forward: same generator, same mask
-            y, self.mask = add_dropout_forward(residual, x, self.p, self.generator)
-            return y
-        return add_dropout(residual, x, self.mask)
+    def forward_add(self, x, residual, *, overwrite=False):
+        """residual + forward(x), the mask drawn (or reused) exactly as forward does; with overwrite=True
+        the sum may be computed in the memory of x (the caller's temporary)."""
+        y = self.forward(x)
+        if y is x and not overwrite:         # inactive: forward(x) is x itself, which must stay as it is
+            return residual + x
+        y += residual
+        return y
 
     def backward(self, grad_out):
         if not self.active():

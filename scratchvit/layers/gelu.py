@@ -13,8 +13,8 @@ Backward, elementwise, by the product and chain rules:
     dL/dx = dL/dy * dy/dx
   Forward keeps x and t.
 
-On the GPU, forward and backward each run as one fused CuPy kernel (fused.py) computing these
-same formulas; tests/test_fused.py holds the two against each other.
+On the GPU, forward and backward each run as one CuPy kernel (its twin, kernels/gelu.py) computing
+these same formulas; tests/test_kernels.py holds the two against each other.
 
 Speed note: `x ** 3` with an integer power is a slow general power in NumPy; x^3 is computed as
 x * x * x, and c * (x + a x^3) as x * (c + c*a * x*x).
@@ -22,7 +22,7 @@ x * x * x, and c * (x + a x^3) as x * (c + c*a * x*x).
 import math
 
 from .layer import Layer
-from ..backend import get_array_module, is_gpu_array
+from ..backend import get_array_module
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC_COEFFICIENT = 0.044715
@@ -36,11 +36,6 @@ class GELU(Layer):
         self.t = None   # tanh(u), used later in backward
 
     def forward(self, x):
-        if is_gpu_array(x):                  # on the GPU the same formula runs as one fused kernel
-            from ..fused import gelu_forward
-            y, self.t = gelu_forward(x)
-            self.x = x
-            return y
         xp = get_array_module(x)
         u = x * x
         u *= SQRT_2_OVER_PI * CUBIC_COEFFICIENT
@@ -54,10 +49,7 @@ class GELU(Layer):
 
     def backward(self, grad_out):
         x, t = self.x, self.t
-        if is_gpu_array(x):                  # the device of what forward kept: grad_out may be a Python number
-            from ..fused import gelu_backward
-            return gelu_backward(x, t, grad_out)
-        xp = get_array_module(x)
+        xp = get_array_module(x)                                 # what forward kept: grad_out may be a number
         # forward: u = c * (x + a x^3)  ->  du/dx = c * (1 + 3a x^2)
         dy_dx = x * x
         dy_dx *= 3.0 * SQRT_2_OVER_PI * CUBIC_COEFFICIENT

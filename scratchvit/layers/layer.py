@@ -20,8 +20,26 @@ GPU kernel) from the arrays it owns: its parameters, or what its forward kept. N
 `backward`'s argument, which may be a Python number (the upstream gradient of a scalar output).
 An input on another device than the layer's parameters is refused with a one-line ValueError
 (`check_same_device`) instead of failing deep inside NumPy or CuPy.
+
+GPU twins: this is the one place under layers/ that knows of the GPU. A layer file writes `forward`
+and `backward` once, on the array module. A CuPy kernel that computes the same steps registers as the
+twin of a method (scratchvit/twins.py, `register_gpu_twin(GELU.forward)`, from scratchvit/kernels/).
+`Layer.__init_subclass__` wraps each subclass's own `forward`, `forward_*` and `backward`: a forward
+of a layer class that has twins records whether the layer computes on the GPU (its parameters' device,
+`Layer.device`, or for a layer without parameters the device of the array it received), and calls the
+twin if so; backward goes where that forward went, whatever its argument. A NumPy input goes to the
+formula without a look at the parameters: if they are on the GPU, the formula refuses the input
+(check_same_device) as the twin would. So on the CPU a call costs a set look-up and a type test.
 """
+import contextlib
+import functools
+
+import numpy
+
 from ..backend import get_array_module, get_backend, is_gpu_array
+from ..twins import GPU_TWINS, TWINNED_LAYERS, dispatched
+
+__all__ = ["Layer", "Parameter", "check_same_device", "dispatched"]
 
 
 def check_same_device(layer_name, x, parameter):
@@ -70,10 +88,47 @@ class Parameter:
         return f"Parameter(shape={self._data.shape}, dtype={self._data.dtype})"
 
 
+def _dispatching(layer_class, method):
+    """`method` of `layer_class`, sent to its GPU twin when the layer computes on the GPU (module docstring)."""
+    if method.__name__ == "backward":
+        @functools.wraps(method)
+        def dispatching(self, *arguments, **options):
+            if layer_class in TWINNED_LAYERS and self.__dict__.get("_forward_on_gpu", False):
+                twin = GPU_TWINS.get(dispatching)
+                if twin is not None:
+                    return twin(self, *arguments, **options)
+            return method(self, *arguments, **options)
+    else:
+        @functools.wraps(method)
+        def dispatching(self, *arguments, **options):
+            if layer_class in TWINNED_LAYERS:
+                x = arguments[0]
+                if type(x) is numpy.ndarray:             # a host input: the formula (module docstring)
+                    on_gpu = False
+                else:                                    # the input decides only for a layer without parameters
+                    device = self.device
+                    on_gpu = is_gpu_array(x) if device is None else device == "gpu"
+                self._forward_on_gpu = on_gpu            # where backward goes
+                if on_gpu:
+                    twin = GPU_TWINS.get(dispatching)
+                    if twin is not None:
+                        return twin(self, *arguments, **options)
+            return method(self, *arguments, **options)
+    dispatching.dispatches_to_gpu_twin = True
+    dispatching.layer_class = layer_class
+    return dispatching
+
+
 class Layer:
-    """Base class: parameter discovery, zero_grad, and train/eval mode."""
+    """Base class: parameter discovery, zero_grad, train/eval mode, and the dispatch to GPU twins."""
 
     training = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if callable(value) and (name in ("forward", "backward") or name.startswith("forward_")):
+                setattr(cls, name, _dispatching(cls, value))
 
     def forward(self, *inputs):
         raise NotImplementedError
@@ -123,6 +178,18 @@ class Layer:
     def eval(self):
         return self.train(False)
 
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode for the body of a `with` block, then each layer's mode as it was, also when the body
+        raises: how evaluation, the report and the attention maps run a model that may be training."""
+        modes = [(layer, layer.training) for layer in self.layers()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for layer, training in modes:
+                layer.training = training
+
     def to(self, device):
         """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero
         gradients. The layer then computes on that device: this is how a model, or a layer alone, is moved."""
@@ -130,3 +197,11 @@ class Layer:
         for parameter in self.parameters():
             parameter.data = backend.asarray(parameter.data)
         return self
+
+    @property
+    def device(self):
+        """"cpu" or "gpu", where the layer's first parameter lives (so where it computes); None for a
+        layer without parameters, which computes where its input lives."""
+        for _, parameter in self.named_parameters():
+            return "gpu" if is_gpu_array(parameter.data) else "cpu"
+        return None

@@ -25,12 +25,12 @@ Backward, the same steps in reverse, with g_i = dL/dy_i (sums over i run over th
   In all:  dL/dx_j = rstd * (h_j - mean_i(h_i) - xhat_j * mean_i(h_i * xhat_i)).
   Only xhat and rstd are needed, so they are what forward keeps.
 
-On the GPU, forward and the input gradient each run as one fused CuPy kernel (fused.py) with
-these same formulas; tests/test_fused.py holds the two against each other.
+On the GPU, forward and the input gradient each run as one CuPy kernel (the twins in
+kernels/layernorm.py) with these same formulas; tests/test_kernels.py holds the two against each other.
 """
 from .layer import Layer, Parameter, check_same_device
 from .reductions import column_sum, row_mean
-from ..backend import get_array_module, host, is_gpu_array
+from ..backend import get_array_module, host
 
 
 class LayerNorm(Layer):
@@ -45,15 +45,15 @@ class LayerNorm(Layer):
         self.xhat = None   # normalised input (..., D), used later in backward
         self.rstd = None   # 1/sqrt(var + eps) per row (..., 1), used later in backward
 
-    def forward(self, x):
-        xp = get_array_module(x)
+    def check_input(self, x):
+        """ValueError, one line, unless x is (..., dim) on the parameters' device."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"LayerNorm expects inputs whose last axis is dim={self.dim}, got shape {x.shape}")
         check_same_device("LayerNorm", x, self.weight)
-        if is_gpu_array(x):                  # on the GPU these steps run as one fused kernel
-            from ..fused import layernorm_forward
-            y, self.xhat, self.rstd = layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
-            return y
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.check_input(x)
         mu = row_mean(x)                                            # (..., 1)
         xhat = x - mu                                               # (..., D), centred for now
         var = row_mean(xhat * xhat)                                 # (..., 1)
@@ -68,12 +68,6 @@ class LayerNorm(Layer):
 
     def backward(self, grad_out):
         xhat, rstd = self.xhat, self.rstd
-        if is_gpu_array(xhat):               # the device of what forward kept, not of grad_out
-            from ..fused import layernorm_backward
-            grad_x, grad_gamma, grad_beta = layernorm_backward(grad_out, xhat, rstd, self.weight.data)
-            self.weight.grad += grad_gamma
-            self.bias.grad += grad_beta
-            return grad_x
         # (6) y = xhat * gamma + beta
         grad_out_xhat = grad_out * xhat                                          # g * xhat
         self.bias.grad += column_sum(grad_out)                                   # dL/dbeta

@@ -17,13 +17,14 @@ Backward. Let G = dL/dY (M, D_out). Since Y[m, o] = sum_i X[m, i] W[i, o] + b[o]
 
 dW is added into weight.grad (the accumulation rule of layer.py). On the GPU the product and the
 addition are one cuBLAS call, weight.grad = 1 * X^T G + 1 * weight.grad, with no temporary of the
-weight's size (fused.add_transposed_product); NumPy has no such call and computes X^T G, then adds.
+weight's size (the backward's twin, kernels/linear.py); NumPy has no such call and computes X^T G,
+then adds.
 """
 import math
 
 from .layer import Layer, Parameter, check_same_device
 from .reductions import column_sum
-from ..backend import host_generator, is_gpu_array
+from ..backend import host_generator
 
 
 class Linear(Layer):
@@ -63,11 +64,7 @@ class Linear(Layer):
     def backward(self, grad_out):
         grad_rows = grad_out.reshape(-1, self.out_features)   # G (M, D_out)
         # forward: y = x_rows @ W + b
-        if is_gpu_array(self.x_rows):        # the device of what forward kept, never grad_out's
-            from ..fused import add_transposed_product
-            add_transposed_product(self.x_rows, grad_rows, self.weight.grad)   # dW = X^T G, added in place
-        else:
-            self.weight.grad += self.x_rows.T @ grad_rows      # dW = X^T G
+        self.weight.grad += self.x_rows.T @ grad_rows          # dW = X^T G
         self.bias.grad += column_sum(grad_rows)                # db = sum over rows of G
         grad_x = grad_rows @ self.weight.data.T                # dX = G W^T
         return grad_x.reshape(*grad_out.shape[:-1], self.in_features)

@@ -11,17 +11,19 @@ Backward. d p_i / d s_j = p_i (delta_ij - p_j), so for an upstream gradient g = 
 
 `softmax_simple` is the textbook formula without the max subtraction: it teaches, and the tests
 use it as the oracle for `softmax` on moderate inputs.
+
+On the GPU each of softmax and softmax_backward is one CuPy kernel (its twin, kernels/softmax.py),
+chosen by the device of `scores` / `probs` (never of the upstream gradient).
 """
+from .layer import dispatched
 from .reductions import row_sum
-from ..backend import get_array_module, is_gpu_array
+from ..backend import get_array_module
 
 
+@dispatched(lambda scores, overwrite=False: scores)
 def softmax(scores, *, overwrite=False):
     """Row-wise softmax of `scores` (..., n). With overwrite=True the result is computed in the
     memory of `scores` (the caller's own temporary), saving two allocations of its size."""
-    if is_gpu_array(scores):               # one fused kernel on the GPU (fused.py)
-        from ..fused import softmax_forward
-        return softmax_forward(scores)
     xp = get_array_module(scores)
     exps = scores if overwrite else scores.copy()
     exps -= exps.max(axis=-1, keepdims=True)                   # s - m: every entry <= 0
@@ -31,12 +33,10 @@ def softmax(scores, *, overwrite=False):
     return exps
 
 
+@dispatched(lambda probs, grad_probs, overwrite=False: probs)
 def softmax_backward(probs, grad_probs, *, overwrite=False):
     """dL/ds = p * (g - sum(g * p)) for p = softmax(s) and g = dL/dp, row-wise over the last axis.
     With overwrite=True the result is computed in the memory of `grad_probs` (the caller's temporary)."""
-    if is_gpu_array(probs):
-        from ..fused import softmax_backward as fused_softmax_backward
-        return fused_softmax_backward(probs, grad_probs)
     row_dots = row_sum(grad_probs * probs)                      # sum_i g_i p_i, one per row
     grad_scores = grad_probs if overwrite else grad_probs.copy()
     grad_scores -= row_dots                                     # g_j - sum_i g_i p_i

@@ -13,9 +13,11 @@ Forward, for one example with logits z_1..z_C and label y:
 Backward. Composing the softmax backward with d(-t . log p)/dp = -t/p collapses to
     dL/dz_c = (p_c - t_c) / B        (times the upstream gradient of the loss, 1 by default)
   which is cheap and exact: no division by p, no separate softmax backward.
+
+On the GPU forward and backward are one CuPy kernel each (the twins in kernels/cross_entropy.py).
 """
 from .layer import Layer
-from ..backend import get_array_module, is_gpu_array
+from ..backend import get_array_module
 
 
 class SoftmaxCrossEntropy(Layer):
@@ -33,14 +35,9 @@ class SoftmaxCrossEntropy(Layer):
         B, C = logits.shape
         if labels.shape != (B,):
             raise ValueError(f"labels must have shape ({B},) to match logits {logits.shape}, got {labels.shape}")
-        # label range check on the host only: on the GPU it would wait for the device every step
-        if not is_gpu_array(logits) and B and not (0 <= labels.min() and labels.max() < C):
+        # label range check here, on the host; the GPU twin skips it (it would wait for the device every step)
+        if B and not (0 <= labels.min() and labels.max() < C):
             raise ValueError(f"labels must lie in [0, {C}), got values from {labels.min()} to {labels.max()}")
-        if is_gpu_array(logits):             # the same formulas in one fused kernel per batch (fused.py)
-            from ..fused import cross_entropy_forward
-            loss, self.probs = cross_entropy_forward(logits, labels, self.label_smoothing)
-            self.labels = labels
-            return loss
         shifted = logits - logits.max(axis=1, keepdims=True)                    # z - m
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
         rows = xp.arange(B)
@@ -52,9 +49,6 @@ class SoftmaxCrossEntropy(Layer):
         return xp.asarray(nll.mean())                                           # 0-d array, as on the GPU
 
     def backward(self, grad_loss=1.0):
-        if is_gpu_array(self.probs):
-            from ..fused import cross_entropy_backward
-            return cross_entropy_backward(self.probs, self.labels, self.label_smoothing, grad_loss)
         xp = get_array_module(self.probs)
         B, C = self.probs.shape
         s = self.label_smoothing

@@ -1,4 +1,4 @@
-"""scratchvit.fused: every fused CuPy kernel held against the plain layer or formula it replaces.
+"""scratchvit.kernels: every GPU twin's kernel held against the plain layer or formula it stands in for.
 
 The kernel tests need CuPy and a CUDA device: they carry the `gpu` marker and skip with the reason
 otherwise. Each runs the plain version on host copies of the inputs (NumPy: on CuPy arrays the
@@ -21,7 +21,7 @@ import numpy
 import pytest
 
 import scratchvit
-from scratchvit import fused
+from scratchvit import kernels
 from scratchvit.backend import get_backend, random_generator, to_host
 from scratchvit.encoder_block import EncoderBlock
 from scratchvit.layers import (GELU, Dropout, LayerNorm, MultiHeadSelfAttention, Parameter, SoftmaxCrossEntropy,
@@ -68,30 +68,34 @@ def host_and_device(gpu, array, dtype):
 # Runs without a GPU
 # ---------------------------------------------------------------------------------------------------
 
-PUBLIC = ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward", "softmax_forward",
-          "softmax_backward", "split_qkv", "merge_grad_qkv", "dropout_forward", "add_dropout", "add_dropout_forward",
-          "cross_entropy_forward", "cross_entropy_backward", "adamw_step", "l2_norm", "add_transposed_product",
-          "transposed_product", "shift_images", "weight_average_update", "scale_to_max_norm"]
+PUBLIC = {"gelu": ["gelu_forward", "gelu_backward"], "layernorm": ["layernorm_forward", "layernorm_backward"],
+          "softmax": ["softmax_forward", "softmax_backward"],
+          "attention": ["split_qkv", "merge_grad_qkv", "transposed_product"],
+          "dropout": ["dropout_forward", "add_dropout", "add_dropout_forward"],
+          "cross_entropy": ["cross_entropy_forward", "cross_entropy_backward"],
+          "adamw": ["adamw_step", "l2_norm", "scale_to_max_norm"], "linear": ["add_transposed_product"],
+          "shift_images": ["shift_images"], "weight_average": ["weight_average_update"]}
 
 
 def test_module_imports_without_cupy():
-    """In a fresh interpreter where `import cupy` fails, scratchvit.fused imports, exposes every public
+    """In a fresh interpreter where `import cupy` fails, scratchvit.kernels imports, exposes every public
     function, and a call says (BackendUnavailable) that the GPU backend is missing."""
-    for name in PUBLIC:
-        assert callable(getattr(fused, name)), name
-        assert getattr(fused, name).__doc__, name
-        assert name in fused.__all__
+    for module, names in PUBLIC.items():
+        for name in names:
+            assert callable(getattr(getattr(kernels, module), name)), name
+            assert getattr(getattr(kernels, module), name).__doc__, name
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(scratchvit.__file__)))
     script = (
         "import sys\n"
         "sys.modules['cupy'] = None\n"          # `import cupy` now raises ImportError
         "import numpy\n"
-        "import scratchvit.fused as fused\n"
+        "from scratchvit import kernels\n"
         "from scratchvit.backend import BackendUnavailable\n"
-        f"for name in {PUBLIC!r}:\n"
-        "    assert callable(getattr(fused, name)), name\n"
+        f"for module, names in {PUBLIC!r}.items():\n"
+        "    for name in names:\n"
+        "        assert callable(getattr(getattr(kernels, module), name)), name\n"
         "try:\n"
-        "    fused.gelu_forward(numpy.ones(3))\n"
+        "    kernels.gelu.gelu_forward(numpy.ones(3))\n"
         "except BackendUnavailable:\n"
         "    pass\n"
         "else:\n"
@@ -108,14 +112,14 @@ def test_kernel_sources_are_well_formed():
     """Cheap host-side checks of the CUDA sources (they compile only on a GPU): balanced brackets, one
     kernel of the right name per raw source, a typedef per dtype, and elementwise kernels that declare
     every parameter they use only once."""
-    for name in fused._RAW_SOURCES:
+    for name in kernels.compile.RAW_SOURCES:
         for dtype in DTYPES:
-            source = fused.raw_kernel_source(name, dtype)
-            assert source.startswith(f"typedef {fused._C_TYPES[dtype]} T;")
+            source = kernels.compile.raw_kernel_source(name, dtype)
+            assert source.startswith(f"typedef {kernels.compile.C_TYPES[dtype]} T;")
             for opening, closing in ("{}", "()", "[]"):
                 assert source.count(opening) == source.count(closing), (name, opening)
             assert source.count(f'extern "C" __global__ void {name}(') == 1
-    for name, (in_params, out_params, operation) in fused._ELEMENTWISE_SOURCES.items():
+    for name, (in_params, out_params, operation) in kernels.compile.ELEMENTWISE_SOURCES.items():
         names = [param.split()[-1] for param in (in_params + "," + out_params).split(",")]
         assert len(names) == len(set(names)) and "i" not in names, name
         for opening, closing in ("{}", "()"):
@@ -132,7 +136,7 @@ ROW_KERNELS = ["scratchvit_layernorm_forward", "scratchvit_layernorm_backward", 
 def test_row_kernels_reduce_within_a_warp(name):
     """The row kernels are one warp per row: their sums and maxima are warp shuffles in registers, with no
     shared memory and no block-wide barrier (which a tree reduction over a block of threads needs)."""
-    source = fused.raw_kernel_source(name, "float64")
+    source = kernels.compile.raw_kernel_source(name, "float64")
     body = source[source.index('extern "C"'):]
     assert "ROW_AND_LANE" in body and ("warp_sum(" in body or "warp_max(" in body)
     assert "__shfl_xor_sync" in source
@@ -141,12 +145,13 @@ def test_row_kernels_reduce_within_a_warp(name):
 
 def test_row_grid_covers_every_row():
     """Blocks of ROWS_PER_BLOCK rows: enough for every row, not one more; a grid too large is refused."""
-    for rows in (1, fused.ROWS_PER_BLOCK - 1, fused.ROWS_PER_BLOCK, fused.ROWS_PER_BLOCK + 1, 409600):
-        (blocks,) = fused._row_grid(rows)
-        assert (blocks - 1) * fused.ROWS_PER_BLOCK < rows <= blocks * fused.ROWS_PER_BLOCK
-    assert fused._row_grid((2**31 - 1) * fused.ROWS_PER_BLOCK) == (2**31 - 1,)
+    per_block = kernels.compile.ROWS_PER_BLOCK
+    for rows in (1, per_block - 1, per_block, per_block + 1, 409600):
+        (blocks,) = kernels.compile.row_grid(rows)
+        assert (blocks - 1) * kernels.compile.ROWS_PER_BLOCK < rows <= blocks * kernels.compile.ROWS_PER_BLOCK
+    assert kernels.compile.row_grid((2**31 - 1) * kernels.compile.ROWS_PER_BLOCK) == (2**31 - 1,)
     with pytest.raises(ValueError, match="rows"):
-        fused._row_grid((2**31 - 1) * fused.ROWS_PER_BLOCK + 1)
+        kernels.compile.row_grid((2**31 - 1) * kernels.compile.ROWS_PER_BLOCK + 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,10 +168,10 @@ def test_gelu_matches_plain_layer(gpu, dtype, shape):
     layer = GELU()
     y_plain = layer.forward(x_host)
     grad_plain = layer.backward(grad_host)
-    y, t = fused.gelu_forward(x)
+    y, t = kernels.gelu.gelu_forward(x)
     assert_close(y, y_plain, dtype)
     assert_close(t, layer.t, dtype)
-    assert_close(fused.gelu_backward(x, t, grad_out), grad_plain, dtype)
+    assert_close(kernels.gelu.gelu_backward(x, t, grad_out), grad_plain, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,11 +195,11 @@ def test_layernorm_matches_plain_layer(gpu, dtype, shape, offset):
     y_plain = layer.forward(x_host)
     grad_x_plain = layer.backward(grad_host)                # grads start at zero: they become the sums
 
-    y, xhat, rstd = fused.layernorm_forward(x, gamma, beta, layer.eps)
+    y, xhat, rstd = kernels.layernorm.layernorm_forward(x, gamma, beta, layer.eps)
     assert_close(y, y_plain, dtype, factor=10)
     assert_close(xhat, layer.xhat, dtype, factor=10)
     assert_close(rstd, layer.rstd, dtype, factor=10)
-    grad_x, grad_gamma, grad_beta = fused.layernorm_backward(grad_out, xhat, rstd, gamma)
+    grad_x, grad_gamma, grad_beta = kernels.layernorm.layernorm_backward(grad_out, xhat, rstd, gamma)
     assert_close(grad_x, grad_x_plain, dtype, factor=10)
     assert_close(grad_gamma, layer.weight.grad, dtype, factor=10)
     assert_close(grad_beta, layer.bias.grad, dtype, factor=10)
@@ -208,7 +213,7 @@ def test_layernorm_takes_non_contiguous_input(gpu, dtype):
     gamma, beta = on_device(gpu, rng.standard_normal(48), dtype), on_device(gpu, rng.standard_normal(48), dtype)
     layer = LayerNorm(48, dtype=dtype)
     layer.weight.data, layer.bias.data = to_host(gamma), to_host(beta)
-    y, xhat, rstd = fused.layernorm_forward(x, gamma, beta, layer.eps)
+    y, xhat, rstd = kernels.layernorm.layernorm_forward(x, gamma, beta, layer.eps)
     assert_close(y, layer.forward(to_host(x)), dtype, factor=10)
 
 
@@ -223,24 +228,24 @@ def test_layernorm_takes_non_contiguous_input(gpu, dtype):
 @pytest.mark.parametrize("scale", [1.0, 0.125, 3.0])
 def test_softmax_matches_plain(gpu, dtype, shape, scale):
     rng = host_rng(4, shape[-1], int(scale * 8))
-    scores_host, scores = host_and_device(gpu, rng.standard_normal(shape) * 4.0, dtype)
+    scores_host, scores = host_and_device(gpu, rng.standard_normal(shape) * 4.0 * scale, dtype)
     grad_host, grad_probs = host_and_device(gpu, rng.standard_normal(shape), dtype)
-    probs_plain = softmax(scores_host * scale)
-    probs = fused.softmax_forward(scores, scale)
+    probs_plain = softmax(scores_host)
+    probs = kernels.softmax.softmax_forward(scores)
     assert_close(probs, probs_plain, dtype)
     assert_close(probs.sum(axis=-1), gpu.xp.ones(shape[:-1], dtype=dtype), dtype, factor=10)
-    grad_plain = softmax_backward(probs_plain, grad_host) * scale
-    assert_close(fused.softmax_backward(probs, grad_probs, scale), grad_plain, dtype, factor=10)
+    grad_plain = softmax_backward(probs_plain, grad_host)
+    assert_close(kernels.softmax.softmax_backward(probs, grad_probs), grad_plain, dtype, factor=10)
 
 
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_is_finite_for_huge_scores(gpu, dtype):
     rng = host_rng(5)
-    scores = on_device(gpu, rng.standard_normal((4, 70)) * 1e4, dtype)
-    probs = fused.softmax_forward(scores, 0.5)
+    scores = on_device(gpu, rng.standard_normal((4, 70)) * 5e3, dtype)
+    probs = kernels.softmax.softmax_forward(scores)
     assert numpy.isfinite(to_host(probs)).all()
-    assert_close(probs, softmax(to_host(scores) * 0.5), dtype)
+    assert_close(probs, softmax(to_host(scores)), dtype)
 
 
 @on_gpu
@@ -248,7 +253,7 @@ def test_softmax_is_finite_for_huge_scores(gpu, dtype):
 def test_softmax_takes_non_contiguous_input(gpu, dtype):
     rng = host_rng(6)
     scores = on_device(gpu, rng.standard_normal((2, 9, 3, 9)), dtype).transpose(0, 2, 1, 3)
-    assert_close(fused.softmax_forward(scores, 0.25), softmax(to_host(scores) * 0.25), dtype)
+    assert_close(kernels.softmax.softmax_forward(scores), softmax(to_host(scores)), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,12 +290,12 @@ def test_split_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, monkeyp
     (B, H, d, T) layout, qkv untouched. grid_max=3 caps the grid at 3 blocks, so that the threads'
     grid-stride loop runs several rounds (as it does beyond 65535 blocks)."""
     if grid_max is not None:
-        monkeypatch.setattr(fused, "_ELEMENT_GRID_MAX", grid_max)
+        monkeypatch.setattr(kernels.compile, "ELEMENT_GRID_MAX", grid_max)
     rng = host_rng(16, B, T, H, d)
     qkv_host, qkv = host_and_device(gpu, rng.standard_normal((B, T, 3 * H * d)), dtype)
     scale = 1.0 / math.sqrt(d)
     expected = split_qkv_plain(qkv_host, H, scale)
-    actual = fused.split_qkv(qkv, H, scale)
+    actual = kernels.attention.split_qkv(qkv, H, scale)
     names = ("q_scaled", "k", "v", "k_t", "v_t")
     for name, got, want in zip(names, actual, expected):
         assert got.shape == want.shape and got.flags.c_contiguous, name
@@ -307,12 +312,12 @@ def test_split_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, monkeyp
 def test_merge_grad_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, monkeypatch):
     """The q third (times scale) to rounding, the k and v thirds exactly, grad_heads untouched."""
     if grid_max is not None:
-        monkeypatch.setattr(fused, "_ELEMENT_GRID_MAX", grid_max)
+        monkeypatch.setattr(kernels.compile, "ELEMENT_GRID_MAX", grid_max)
     rng = host_rng(17, B, T, H, d)
     grad_host, grad_heads = host_and_device(gpu, rng.standard_normal((3, B, H, T, d)), dtype)
     scale = 1.0 / math.sqrt(d)
     expected = merge_grad_qkv_plain(grad_host, scale)
-    actual = fused.merge_grad_qkv(grad_heads, scale)
+    actual = kernels.attention.merge_grad_qkv(grad_heads, scale)
     assert actual.shape == (B, T, 3 * H * d) and actual.flags.c_contiguous
     D = H * d
     assert_close(actual[..., :D], expected[..., :D], dtype)
@@ -324,13 +329,13 @@ def test_merge_grad_qkv_matches_plain_steps(gpu, dtype, B, T, H, d, grid_max, mo
 def test_split_and_merge_reject_bad_shapes(gpu):
     xp = gpu.xp
     with pytest.raises(ValueError):
-        fused.split_qkv(xp.ones((2, 3, 10)), 4, 0.5)                 # 10 is not 3 * heads * head_dim
+        kernels.attention.split_qkv(xp.ones((2, 3, 10)), 4, 0.5)                 # 10 is not 3 * heads * head_dim
     with pytest.raises(ValueError):
-        fused.split_qkv(xp.ones((2, 12)), 2, 0.5)                    # not (B, T, 3D)
+        kernels.attention.split_qkv(xp.ones((2, 12)), 2, 0.5)                    # not (B, T, 3D)
     with pytest.raises(ValueError):
-        fused.merge_grad_qkv(xp.ones((2, 1, 2, 3, 4)), 0.5)          # not (3, B, H, T, d)
+        kernels.attention.merge_grad_qkv(xp.ones((2, 1, 2, 3, 4)), 0.5)          # not (3, B, H, T, d)
     with pytest.raises(TypeError):
-        fused.split_qkv(xp.ones((2, 3, 12), dtype=xp.float16), 2, 0.5)
+        kernels.attention.split_qkv(xp.ones((2, 3, 12), dtype=xp.float16), 2, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def test_dropout_given_uniforms_is_the_plain_formula(gpu, dtype, p, shape):
     rng = host_rng(7, int(p * 10), len(shape))
     x = on_device(gpu, rng.standard_normal(shape), dtype)
     u = on_device(gpu, rng.random(shape), dtype)
-    y, mask = fused.dropout_forward(x, p, uniforms=u)
+    y, mask = kernels.dropout.dropout_forward(x, p, uniforms=u)
     mask_plain = (u >= p).astype(dtype) * (1.0 / (1.0 - p))             # Dropout.forward's formula
     numpy.testing.assert_array_equal(to_host(mask), to_host(mask_plain))
     numpy.testing.assert_array_equal(to_host(y), to_host(x * mask_plain))
@@ -366,7 +371,7 @@ def test_dropout_with_generator_matches_dropout_layer(gpu, dtype, p):
     x_host, x = host_and_device(gpu, rng.standard_normal((3, 65, 48)), dtype)
     u = to_host(random_generator(gpu.xp, 123).random(x.shape, dtype=x.dtype))
     mask_plain = (u >= p).astype(dtype) * (1.0 / (1.0 - p))             # Dropout.forward's formula
-    y, mask = fused.dropout_forward(x, p, random_generator(gpu.xp, 123))
+    y, mask = kernels.dropout.dropout_forward(x, p, random_generator(gpu.xp, 123))
     numpy.testing.assert_array_equal(to_host(mask), mask_plain)
     numpy.testing.assert_array_equal(to_host(y), x_host * mask_plain)
     assert 0 < float(to_host((mask == 0).mean())) < 1
@@ -385,13 +390,13 @@ def test_residual_add_with_dropout(gpu, dtype, p):
     x = on_device(gpu, rng.standard_normal(shape), dtype)
     h = on_device(gpu, rng.standard_normal(shape), dtype)
     u = on_device(gpu, rng.random(shape), dtype)
-    _, mask = fused.dropout_forward(h, p, uniforms=u)
-    assert_close(fused.add_dropout(x, h, mask), x + h * mask, dtype)
-    y, mask_fused = fused.add_dropout_forward(x, h, p, uniforms=u)
+    _, mask = kernels.dropout.dropout_forward(h, p, uniforms=u)
+    assert_close(kernels.dropout.add_dropout(x, h, mask), x + h * mask, dtype)
+    y, mask_fused = kernels.dropout.add_dropout_forward(x, h, p, uniforms=u)
     numpy.testing.assert_array_equal(to_host(mask_fused), to_host(mask))
     assert_close(y, x + h * mask, dtype)
     u = random_generator(gpu.xp, 5).random(shape, dtype=x.dtype)         # what the generator draws next
-    y, mask_fused = fused.add_dropout_forward(x, h, p, random_generator(gpu.xp, 5))
+    y, mask_fused = kernels.dropout.add_dropout_forward(x, h, p, random_generator(gpu.xp, 5))
     mask_plain = (to_host(u) >= p).astype(dtype) * (1.0 / (1.0 - p))
     numpy.testing.assert_array_equal(to_host(mask_fused), mask_plain)
     assert_close(y, to_host(x) + to_host(h) * mask_plain, dtype)
@@ -402,10 +407,10 @@ def test_residual_add_with_dropout(gpu, dtype, p):
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("shape", [(3, 65, 48), (2, 7, 5)])
 def test_dropout_forward_add_matches_plain_formula(gpu, dtype, p, shape):
-    """Dropout.forward_add on the GPU (fused.add_dropout_forward): the mask (u >= p) / (1 - p) from the
+    """Dropout.forward_add on the GPU (kernels.dropout.add_dropout_forward): the mask (u >= p) / (1 - p) from the
     uniforms the layer's generator draws next, as Dropout.forward draws them, and y = residual + x * mask,
     against NumPy on host copies; backward multiplies by that mask; with the mask fixed, the next call
-    reuses it (fused.add_dropout)."""
+    reuses it (kernels.dropout.add_dropout)."""
     rng = host_rng(18, int(p * 10), len(shape))
     x_host, x = host_and_device(gpu, rng.standard_normal(shape), dtype)
     residual_host, residual = host_and_device(gpu, rng.standard_normal(shape), dtype)
@@ -429,11 +434,11 @@ def test_dropout_forward_add_matches_plain_formula(gpu, dtype, p, shape):
 def test_dropout_rejects_bad_arguments(gpu):
     x = gpu.xp.ones(4, dtype="float32")
     with pytest.raises(ValueError):
-        fused.dropout_forward(x, 0.5)                                            # neither generator nor uniforms
+        kernels.dropout.dropout_forward(x, 0.5)                            # neither generator nor uniforms
     with pytest.raises(ValueError):
-        fused.dropout_forward(x, 1.0, uniforms=x)
+        kernels.dropout.dropout_forward(x, 1.0, uniforms=x)
     with pytest.raises(TypeError):
-        fused.dropout_forward(x, 0.5, uniforms=gpu.xp.ones(4, dtype="float64"))  # mixed dtypes
+        kernels.dropout.dropout_forward(x, 0.5, uniforms=gpu.xp.ones(4, dtype="float64"))  # mixed dtypes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,12 +462,12 @@ def test_cross_entropy_matches_plain_layer(gpu, dtype, B, C, smoothing, magnitud
     loss_plain = layer.forward(logits_host, labels_host)
     grad_plain = layer.backward()
 
-    loss, probs = fused.cross_entropy_forward(logits, labels, smoothing)
+    loss, probs = kernels.cross_entropy.cross_entropy_forward(logits, labels, smoothing)
     assert loss.shape == () and loss.dtype == xp.dtype(dtype)     # a 0-d device array: no host sync
     assert numpy.isfinite(float(loss))
     assert_close(loss, loss_plain, dtype, factor=10)
     assert_close(probs, layer.probs, dtype, factor=10)
-    assert_close(fused.cross_entropy_backward(probs, labels, smoothing), grad_plain, dtype, factor=10)
+    assert_close(kernels.cross_entropy.cross_entropy_backward(probs, labels, smoothing), grad_plain, dtype, factor=10)
 
 
 @on_gpu
@@ -475,16 +480,16 @@ def test_cross_entropy_backward_upstream_gradient_and_label_dtypes(gpu, dtype):
     labels = gpu.asarray(labels_host)
     layer = SoftmaxCrossEntropy(0.2)
     layer.forward(logits_host, labels_host)
-    loss, probs = fused.cross_entropy_forward(logits, labels, 0.2)
+    loss, probs = kernels.cross_entropy.cross_entropy_forward(logits, labels, 0.2)
     for grad_loss in (0.5, xp.asarray(2.5, dtype=dtype)):
-        assert_close(fused.cross_entropy_backward(probs, labels, 0.2, grad_loss), layer.backward(float(grad_loss)),
-                     dtype)
+        assert_close(kernels.cross_entropy.cross_entropy_backward(probs, labels, 0.2, grad_loss),
+                     layer.backward(float(grad_loss)), dtype)
 
 
 @on_gpu
 def test_cross_entropy_out_of_range_label_gives_nan_not_a_crash(gpu):
     logits = gpu.xp.zeros((2, 3), dtype="float64")
-    loss, _ = fused.cross_entropy_forward(logits, gpu.asarray(numpy.array([0, 3])))
+    loss, _ = kernels.cross_entropy.cross_entropy_forward(logits, gpu.asarray(numpy.array([0, 3])))
     assert math.isnan(float(loss))
 
 
@@ -540,10 +545,10 @@ def test_adamw_kernel_matches_plain_step(gpu, dtype, grouped, weight_decay):
 # Gradient norm
 # ---------------------------------------------------------------------------------------------------
 
-NORM_THREADS = fused.NORM_GRID * fused.NORM_BLOCK
+NORM_THREADS = kernels.adamw.NORM_GRID * kernels.adamw.NORM_BLOCK
 # empty, tiny, around one block, around the grid, several grid-stride rounds
-NORM_SIZES = [0, 1, 7, fused.NORM_BLOCK - 1, fused.NORM_BLOCK, fused.NORM_BLOCK + 1, fused.NORM_GRID + 3,
-              NORM_THREADS - 1, NORM_THREADS, NORM_THREADS + 1, 3 * NORM_THREADS + 77]
+NORM_SIZES = [0, 1, 7, kernels.adamw.NORM_BLOCK - 1, kernels.adamw.NORM_BLOCK, kernels.adamw.NORM_BLOCK + 1,
+              kernels.adamw.NORM_GRID + 3, NORM_THREADS - 1, NORM_THREADS, NORM_THREADS + 1, 3 * NORM_THREADS + 77]
 
 
 def l2_norm_in_float64(x_host):
@@ -560,14 +565,14 @@ def test_l2_norm_matches_plain(gpu, dtype, size):
     copies; in float32 also within one float32 rounding of the float64 norm (the kernel sums in double,
     the plain float32 dot does not); the same bits on a second call."""
     x_host, x = host_and_device(gpu, host_rng(15, size).standard_normal(size), dtype)
-    norm = fused.l2_norm(x)
+    norm = kernels.adamw.l2_norm(x)
     assert norm.shape == () and norm.dtype == numpy.dtype(dtype) and isinstance(norm, gpu.xp.ndarray)
     assert_close(norm, numpy.sqrt(numpy.dot(x_host, x_host)), dtype, factor=10 if dtype == "float32" else 1)
     if dtype == "float32":
         x64 = x_host.astype(numpy.float64)
         reference = math.sqrt(float(numpy.dot(x64, x64)))
         assert abs(float(norm) - reference) <= 2 * numpy.finfo(numpy.float32).eps * reference
-    numpy.testing.assert_array_equal(to_host(fused.l2_norm(x)), to_host(norm))
+    numpy.testing.assert_array_equal(to_host(kernels.adamw.l2_norm(x)), to_host(norm))
     numpy.testing.assert_array_equal(to_host(x), x_host)
 
 
@@ -576,7 +581,7 @@ def test_l2_norm_matches_plain(gpu, dtype, size):
 def test_l2_norm_of_any_shape_and_layout(gpu, dtype):
     x_host = host_rng(24).standard_normal((300, 7)).astype(dtype)
     x = gpu.asarray(x_host).T                                              # (7, 300), not contiguous
-    assert_close(fused.l2_norm(x), l2_norm_in_float64(x_host), dtype)
+    assert_close(kernels.adamw.l2_norm(x), l2_norm_in_float64(x_host), dtype)
 
 
 @on_gpu
@@ -585,7 +590,7 @@ def test_l2_norm_float32_squares_neither_overflow_nor_underflow(gpu, magnitude):
     """Elements of 1e20 (float32 squares overflow to inf) and 1e-20 (float32 squares fall below the
     normal range and flush to zero on the GPU): the double sums give the true norm, in float32."""
     x_host = (host_rng(25).standard_normal(5000) * magnitude).astype(numpy.float32)
-    norm = fused.l2_norm(gpu.asarray(x_host))
+    norm = kernels.adamw.l2_norm(gpu.asarray(x_host))
     assert numpy.isfinite(float(norm)) and float(norm) > 0
     assert_close(norm, l2_norm_in_float64(x_host), "float32")
 
@@ -726,13 +731,13 @@ def test_gelu_backward_takes_a_number(gpu, dtype):
     layer.forward(numpy.array(0.7, dtype=dtype))
     expected = layer.backward(0.5)
     x_host, x = host_and_device(gpu, 0.7, dtype)
-    y, t = fused.gelu_forward(x)
-    assert_close(fused.gelu_backward(x, t, 0.5), expected, dtype)
+    y, t = kernels.gelu.gelu_forward(x)
+    assert_close(kernels.gelu.gelu_backward(x, t, 0.5), expected, dtype)
     gpu_layer = GELU()
     gpu_layer.forward(x)
     assert_close(gpu_layer.backward(0.5), expected, dtype)
     with pytest.raises(TypeError, match="grad_out must be a CuPy array or a number"):
-        fused.gelu_backward(x, t, numpy.ones(3, dtype=dtype))
+        kernels.gelu.gelu_backward(x, t, numpy.ones(3, dtype=dtype))
 
 
 @on_gpu
@@ -740,7 +745,7 @@ def test_layernorm_kernels_name_a_host_argument(gpu):
     x = on_device(gpu, numpy.ones((2, 4)), "float64")
     gamma, beta = numpy.ones(4), on_device(gpu, numpy.zeros(4), "float64")
     with pytest.raises(TypeError, match="^gamma must be a CuPy array"):
-        fused.layernorm_forward(x, gamma, beta, 1e-5)
+        kernels.layernorm.layernorm_forward(x, gamma, beta, 1e-5)
     with pytest.raises(TypeError, match="^labels must be a CuPy array"):
         SoftmaxCrossEntropy().forward(on_device(gpu, numpy.zeros((2, 3)), "float64"), numpy.array([0, 1]))
 
@@ -760,7 +765,7 @@ def test_add_transposed_product_accumulates_a_transpose_b(gpu, dtype, M, K, N):
     b_host, b = host_and_device(gpu, rng.standard_normal((M, N)), dtype)
     out_host, out = host_and_device(gpu, rng.standard_normal((K, N)), dtype)
     pointer = out.data.ptr
-    result = fused.add_transposed_product(a, b, out)
+    result = kernels.linear.add_transposed_product(a, b, out)
     assert result is out and out.data.ptr == pointer
     assert_close(out, out_host + a_host.T @ b_host, dtype, factor=max(1, M))
 
@@ -774,7 +779,7 @@ def test_add_transposed_product_takes_any_layout(gpu, dtype):
     big_host = rng.standard_normal((6, 10)).astype(dtype)
     big = gpu.asarray(big_host)
     out = big[:, ::2]                                              # (6, 5), not contiguous
-    fused.add_transposed_product(gpu.asarray(a_host.T).T, gpu.asarray(b_host.T).T, out)
+    kernels.linear.add_transposed_product(gpu.asarray(a_host.T).T, gpu.asarray(b_host.T).T, out)
     expected = big_host.copy()
     expected[:, ::2] += a_host.T @ b_host
     assert_close(big, expected, dtype, factor=10)
@@ -791,9 +796,9 @@ def test_transposed_product_is_a_transpose_times_b(gpu, dtype, lead, K, M, N):
     a_host, a = host_and_device(gpu, rng.standard_normal(lead + (K, M)), dtype)
     b_host, b = host_and_device(gpu, rng.standard_normal(lead + (K, N)), dtype)
     expected = numpy.swapaxes(a_host, -1, -2) @ b_host
-    assert_close(fused.transposed_product(a, b), expected, dtype, factor=max(1, K))
+    assert_close(kernels.attention.transposed_product(a, b), expected, dtype, factor=max(1, K))
     out = gpu.xp.full(lead + (M, N), numpy.nan, dtype=dtype)
-    assert fused.transposed_product(a, b, out=out) is out
+    assert kernels.attention.transposed_product(a, b, out=out) is out
     assert_close(out, expected, dtype, factor=max(1, K))
 
 
@@ -801,11 +806,11 @@ def test_transposed_product_is_a_transpose_times_b(gpu, dtype, lead, K, M, N):
 def test_transposed_product_refuses_what_it_would_copy(gpu):
     a = on_device(gpu, numpy.ones((2, 3, 4)), "float64")
     with pytest.raises(ValueError, match="C-contiguous"):
-        fused.transposed_product(a.transpose(0, 2, 1).copy().transpose(0, 2, 1), a)
+        kernels.attention.transposed_product(a.transpose(0, 2, 1).copy().transpose(0, 2, 1), a)
     with pytest.raises(ValueError, match="same leading shape"):
-        fused.transposed_product(a, a[:1])
+        kernels.attention.transposed_product(a, a[:1])
     with pytest.raises(ValueError, match="out must be"):
-        fused.transposed_product(a, a, out=gpu.xp.empty((2, 4, 3)))
+        kernels.attention.transposed_product(a, a, out=gpu.xp.empty((2, 4, 3)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -834,7 +839,7 @@ def test_shift_images_kernel_is_the_plain_gather(gpu, dtype, shape, shifts_on):
     transposed = gpu.asarray(numpy.ascontiguousarray(images_host.transpose(0, 1, 3, 2))).transpose(0, 1, 3, 2)
     numpy.testing.assert_array_equal(to_host(shift_images(transposed, shifts, fill)), to_host(shifted))
     with pytest.raises(ValueError, match="shifts must have shape"):
-        fused.shift_images(images, gpu.xp.zeros((batch + 1, 2), dtype="int64"), fill)
+        kernels.shift_images.shift_images(images, gpu.xp.zeros((batch + 1, 2), dtype="int64"), fill)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -852,7 +857,7 @@ def test_scale_to_max_norm_is_the_plain_clip(gpu, dtype, norm):
     grad_host, grad = host_and_device(gpu, rng.standard_normal(1000), dtype)
     norm_host, norm_device = host_and_device(gpu, norm, dtype)
     expected = grad_host * numpy.minimum(1.0, 1.0 / (norm_host + CLIP_EPS)).astype(dtype)
-    fused.scale_to_max_norm(grad, norm_device, 1.0, CLIP_EPS)
+    kernels.adamw.scale_to_max_norm(grad, norm_device, 1.0, CLIP_EPS)
     if norm < 1.0:
         numpy.testing.assert_array_equal(to_host(grad), grad_host)
     elif math.isnan(norm):
@@ -886,8 +891,8 @@ def test_transposed_product_gives_cublas_the_right_layout(lead, K, M, N):
     a, b = rng.standard_normal(lead + (K, M)), rng.standard_normal(lead + (K, N))
     batch = int(numpy.prod(lead))
     out = numpy.full(lead + (M, N), numpy.nan)
-    op_a, op_b, m, n, k, lda, stride_a, ldb, stride_b, ldc, stride_c, count = fused._transposed_product_gemm(
-        K, M, N, batch)
+    op_a, op_b, m, n, k, lda, stride_a, ldb, stride_b, ldc, stride_c, count = (
+        kernels.attention.transposed_product_gemm(K, M, N, batch))
     assert (lda >= max(1, m if op_a == "N" else k)) and (ldb >= max(1, k if op_b == "N" else n)) and ldc >= max(1, m)
     _column_major_gemm_strided_batched(op_a, op_b, m, n, k, b.reshape(-1), lda, stride_a, a.reshape(-1), ldb,
                                        stride_b, out.reshape(-1), ldc, stride_c, count)
