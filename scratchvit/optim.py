@@ -25,12 +25,15 @@ example to skip weight decay on biases, LayerNorm parameters and embeddings.
 import math
 
 from .backend import get_array_module, is_gpu_array, to_host
-from .twins import dispatched
+from .kernels import adamw as adamw_kernels
+from .twins import dispatched, register_gpu_twin
 
 CLIP_EPS = 1e-6   # clip_grad_norm scales by max_norm / (norm + CLIP_EPS), as torch.nn.utils.clip_grad_norm_
 
 
 class AdamW:
+    clip_eps = CLIP_EPS      # clip_grad_norm's eps, read by its GPU twin too
+
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if not lr >= 0.0:
             raise ValueError(f"lr must be non-negative, got {lr!r}")
@@ -99,6 +102,7 @@ class AdamW:
     def set_schedule(self, learning_rates):
         """From now on step t (counting from 1) uses learning_rates[t - 1], and the last entry after the
         table ends; `lr` follows."""
+
         learning_rates = [float(lr) for lr in learning_rates]
         if not learning_rates or not all(lr >= 0.0 for lr in learning_rates):
             raise ValueError("set_schedule needs a non-empty list of non-negative learning rates")
@@ -197,6 +201,13 @@ class AdamW:
         self.step_count = int(state["step_count"])
         self.lr = float(state["lr"])
 
+
+
+# AdamW's GPU twins (kernels/adamw.py) are registered here rather than in the kernels package, so that
+# importing the kernels never imports the optimiser (predict, the report and the demo need none of it)
+register_gpu_twin(AdamW.apply_step)(adamw_kernels.apply_step_on_gpu)
+register_gpu_twin(AdamW.grad_norm)(adamw_kernels.grad_norm_on_gpu)
+register_gpu_twin(AdamW.scale_to_max_norm)(adamw_kernels.scale_to_max_norm_on_gpu)
 
 def warmup_cosine(step, *, total_steps, warmup_steps, peak_lr, final_lr=0.0):
     """Linear warmup from peak_lr/warmup_steps to peak_lr, then cosine decay to final_lr at total_steps.

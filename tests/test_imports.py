@@ -20,12 +20,9 @@ PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1] / "scratchvit"
 
 TRAINING_ONLY = ("scratchvit.train", "scratchvit.optim")     # the training loop and the optimizer
 
-# Two faults the restructuring of issue 17 removes, expected to fail until its branches are merged (then
-# these marks go): fused.py and layers/gelu.py import each other until the GPU twins move to kernels/;
-# predict (and so the demo's command) imports the training loop to load a checkpoint until checkpoint.py
-# holds the loading.
-CYCLE_TODAY = pytest.mark.xfail((PACKAGE_ROOT / "fused.py").exists(), strict=True,
-                                reason="fused.py and layers/gelu.py import each other until kernels/ replaces fused.py")
+# A fault the restructuring of issue 17 removes, expected to fail until its branches are merged (then this
+# mark goes): predict (and so the demo's command) imports the training loop to load a checkpoint until
+# checkpoint.py holds the loading.
 IMPORTS_TRAINING_TODAY = {"scratchvit.predict", "scratchvit.demo.__main__"}
 TRAINING_TODAY = pytest.mark.xfail(not (PACKAGE_ROOT / "checkpoint.py").exists(), strict=True,
                                    reason="predict loads checkpoints from train.py until checkpoint.py holds that")
@@ -170,7 +167,6 @@ def test_a_module_importing_names_from_its_own_package_is_a_cycle(tmp_path):
 GRAPH = import_graph(PACKAGE_ROOT)
 
 
-@CYCLE_TODAY
 def test_the_package_has_no_import_cycle():
     assert cycles(GRAPH) == []
 

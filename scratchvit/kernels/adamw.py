@@ -7,14 +7,16 @@ Steps (optim.py's docstring), for every element, at step t:
   all three in one elementwise launch (adamw_step);
     grad_norm  sqrt(g . g): two launches of fixed size, in double (l2_norm)
     clipping   g *= minimum(1, max_norm / (norm + eps)), the norm read on the device (scale_to_max_norm)
+
+Unlike the other twins, these are registered by optim.py itself (its last lines), so that importing the
+kernels, as `import scratchvit` does, never imports the optimiser: predict, the report and the demo
+need none of it (tests/test_imports.py).
 """
 import math
 
 import numpy
 
 from .compile import cupy_module, define_kernels, elementwise_kernel, float_dtype, on_device, raw_kernel
-from ..optim import CLIP_EPS, AdamW
-from ..twins import register_gpu_twin
 
 # l2_norm: stage 1 runs NORM_GRID blocks of NORM_BLOCK threads (a power of two, for the tree sum), each
 # block writing one partial sum; stage 2 is one block of NORM_BLOCK threads adding the NORM_GRID
@@ -178,7 +180,6 @@ def scale_to_max_norm(grad, norm, max_norm, eps):
     elementwise_kernel("scratchvit_scale_to_max_norm")(norm.reshape(1), float(max_norm), float(eps), grad)
 
 
-@register_gpu_twin(AdamW.apply_step)
 def apply_step_on_gpu(optimizer, bias_correction1, bias_correction2):
     beta1, beta2 = optimizer.betas
     adamw_step(optimizer.data, optimizer.grad, optimizer.exp_avg, optimizer.exp_avg_sq, optimizer.decay_mask,
@@ -186,11 +187,9 @@ def apply_step_on_gpu(optimizer, bias_correction1, bias_correction2):
                bias_correction2)
 
 
-@register_gpu_twin(AdamW.grad_norm)
 def grad_norm_on_gpu(optimizer):
     return l2_norm(optimizer.grad)
 
 
-@register_gpu_twin(AdamW.scale_to_max_norm)
 def scale_to_max_norm_on_gpu(optimizer, norm, max_norm):
-    scale_to_max_norm(optimizer.grad, norm, max_norm, CLIP_EPS)
+    scale_to_max_norm(optimizer.grad, norm, max_norm, optimizer.clip_eps)

@@ -38,6 +38,8 @@ row kernels are not bitwise equal to it. No wrapper synchronises with the host.
 """
 import numpy
 
+from ..cupy_check import cupy_or_error
+
 ROWS_PER_BLOCK = 4   # rows per block of the row-wise raw kernels: one warp each, so blocks of 128 threads
 # split_qkv and merge_grad_qkv: ELEMENT_BLOCK threads per block, one thread per element up to
 # ELEMENT_GRID_MAX blocks (16.7M elements), beyond that each thread loops (a grid-stride loop)
@@ -114,7 +116,6 @@ def cupy_module():
     """CuPy, imported (and its device checked) on first use; BackendUnavailable if it cannot be used."""
     global _cupy_module
     if _cupy_module is None:
-        from ..backend import cupy_or_error
         _cupy_module = cupy_or_error()
     return _cupy_module
 
