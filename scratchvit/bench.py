@@ -125,10 +125,10 @@ import tracemalloc
 import numpy
 
 from .backend import BackendUnavailable, get_backend, keep_freed_host_memory, to_host
+from .config import TrainConfig
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .layers import SoftmaxCrossEntropy
-from .optim import AdamW
-from .train import TrainConfig, parameter_groups
+from .optim import AdamW, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 

@@ -16,7 +16,8 @@ from scratchvit import bench
 from scratchvit.backend import BackendUnavailable, get_backend
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
-from scratchvit.train import TrainStep, parameter_groups
+from scratchvit.optim import parameter_groups
+from scratchvit.train_step import TrainStep
 from scratchvit.vit import ViT
 
 TINY = ["--image-size", "8", "--patch-size", "4", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "16",

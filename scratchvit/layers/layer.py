@@ -21,6 +21,8 @@ GPU kernel) from the arrays it owns: its parameters, or what its forward kept. N
 An input on another device than the layer's parameters is refused with a one-line ValueError
 (`check_same_device`) instead of failing deep inside NumPy or CuPy.
 """
+import contextlib
+
 from ..backend import get_array_module, get_backend, is_gpu_array
 
 
@@ -122,6 +124,18 @@ class Layer:
 
     def eval(self):
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode for the body of a `with` block, then each layer's mode as it was, also when the body
+        raises: how evaluation, the report and the attention maps run a model that may be training."""
+        modes = [(layer, layer.training) for layer in self.layers()]
+        self.eval()
+        try:
+            yield self
+        finally:
+            for layer, training in modes:
+                layer.training = training
 
     def to(self, device):
         """Move every parameter to "cpu" or "gpu" (or a Backend); a parameter that changes device gets zero
