@@ -1,7 +1,8 @@
 """Train scratchvit's ViT on MNIST: `python train_mnist.py` (CPU) or `python train_mnist.py --device gpu`.
 
-This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
-Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
+This script only parses arguments and calls the library; everything it does can be done from Python
+with `scratchvit.train.run(TrainConfig(...))` (and --eval-only with
+`scratchvit.evaluation.report_checkpoint`). Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
 non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
 an output folder that cannot be created, locked or written to and a diverged run, 130 after Ctrl-C
