@@ -1,13 +1,14 @@
 """Train scratchvit's ViT on MNIST: `python train_mnist.py` (CPU) or `python train_mnist.py --device gpu`.
 
-This script only parses arguments and calls `scratchvit.train`; everything it does can be done from
-Python with `scratchvit.train.run(TrainConfig(...))`. Errors that a user can fix (a missing data
+This script only parses arguments and calls the library; everything it does can be done from Python
+with `scratchvit.train.run(TrainConfig(...))` (and --eval-only with
+`scratchvit.evaluation.report_checkpoint`). Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
 non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
 an output folder that cannot be created, locked or written to and a diverged run, 130 after Ctrl-C
 and 143 after SIGTERM (during training a checkpoint is written first).
 
-The output folder is the run's own (scratchvit/train.py, RunFolder): a second run on the same
+The output folder is the run's own (scratchvit/run_folder.py, RunFolder): a second run on the same
 --out-dir stops at once, naming the run that holds it; a folder that holds a run is continued with
 --resume or replaced with --overwrite, never replaced silently.
 
@@ -28,13 +29,16 @@ import sys
 import traceback
 
 from scratchvit.backend import BackendUnavailable
+from scratchvit.checkpoint import CheckpointError
+from scratchvit.config import LOSS_READ_INTERVAL, ConfigError, TrainConfig
 from scratchvit.data import DataError
 from scratchvit.distributed import DistributedError, usable_cores, world
+from scratchvit.evaluation import report_checkpoint
 from scratchvit.recipes import RECIPES, SUMMARIES
+from scratchvit.run_log import OutputError
+from scratchvit.signals import Terminated, TrainingInterrupted, terminate_like_ctrl_c
+from scratchvit.train import NonFiniteLoss, run
 from scratchvit.vit import MAX_PARAMETERS
-from scratchvit.train import (LOSS_READ_INTERVAL, CheckpointError, ConfigError, NonFiniteLoss, OutputError,
-                              Terminated, TrainConfig, TrainingInterrupted, report_checkpoint, run,
-                              terminate_like_ctrl_c)
 
 
 RECIPE_OPTIONS = {name for options in RECIPES.values() for name in options}

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy
 
 from .backend import BackendUnavailable, get_backend
+from .config import TrainConfig
 from .cpu_threads import keep_freed_host_memory
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .gpu_trace import gpu_work, torch_for_launch_counting
 from .layers import SoftmaxCrossEntropy
 from .machine import machine_info
-from .optim import AdamW
-from .train import TrainConfig, parameter_groups
+from .optim import AdamW, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 

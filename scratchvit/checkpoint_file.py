@@ -1,6 +1,6 @@
 """Reading a checkpoint without trusting it: everything is checked before anything is allocated from it.
 
-A checkpoint (train.save_checkpoint) is an .npz archive, a zip file of .npy members:
+A checkpoint (checkpoint.save_checkpoint) is an .npz archive, a zip file of .npy members:
     meta.npy                     uint8 (n,): UTF-8 JSON, the run's configuration, position and history
     model/NAME.npy               the trained weights, one per ViT parameter (vit.parameter_shapes names them)
     average/NAME.npy             the weight average, the same names (only when the run kept one)

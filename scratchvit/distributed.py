@@ -527,11 +527,6 @@ class HostStagedAllreduce:
         self.upload(self.host_buffer, array)
 
 
-def numpy_copies():
-    """(download, upload) for HostStagedAllreduce on NumPy arrays."""
-    return (lambda array, out: host.copyto(out, array)), (lambda buffer, array: host.copyto(array, buffer))
-
-
 def cupy_copies():
     """(download, upload) for HostStagedAllreduce on CuPy arrays."""
     return (lambda array, out: array.get(out=out)), (lambda buffer, array: array.set(buffer))

@@ -46,7 +46,7 @@ import sys
 
 from .backend import BackendUnavailable, get_backend, host, to_host
 from .layers import SoftmaxCrossEntropy
-from .optim import AdamW, warmup_cosine
+from .optim import AdamW, parameter_groups, warmup_cosine
 from .train_step import TrainStep
 from .vit import ViT
 
@@ -106,7 +106,6 @@ def relative_error(value, reference):
 def train_steps(device, *, steps, dtype, model_config, batch_size, seed, threads=1, lr=2e-3):
     """Train on `device` for `steps` steps as described in the module docstring; returns
     (losses as floats, {name: host parameter array}, host eval logits of the held-out batch)."""
-    from .train import parameter_groups        # train imports this module's neighbours; keep the import local
     backend = get_backend(device)
     model = ViT(**model_config, dtype=dtype, seed=seed).to(backend)
     optimizer = AdamW(parameter_groups(model, 0.05), lr=lr, weight_decay=0.05)

@@ -218,3 +218,12 @@ def warmup_cosine(step, *, total_steps, warmup_steps, peak_lr, final_lr=0.0):
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_lr + 0.5 * (peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model, weight_decay):
+    """Weight decay on the weight matrices (2-D), none on biases, LayerNorm, cls_token, pos_embedding."""
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        (decayed if name.endswith(".weight") and parameter.data.ndim == 2 else not_decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
+

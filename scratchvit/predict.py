@@ -27,9 +27,9 @@ import sys
 
 from .attention_maps import inspect
 from .backend import BackendUnavailable, backend_of, get_backend, host
+from .checkpoint import CheckpointError, load_checkpoint
 from .data import one_line
 from .preprocess import CANVAS_SIZE, PILLOW_HINT, ImageError, load_mnist_style, pillow_available, to_model_input
-from .train import CheckpointError, load_checkpoint
 from .vit import ViT
 
 PREDICT_BATCH_SIZE = 256      # images per forward pass: a few MB of activations for the default ViT
@@ -64,10 +64,15 @@ def load_trained_model(path, device="cpu"):
     return model.eval().to(backend), meta
 
 
+def model_backend(model):
+    """The Backend (backend.py) of the device `model`'s weights are on: where its input must be."""
+    return backend_of(model.head.weight.data)
+
+
 def probabilities(model, images):
     """(B, K) host array of class probabilities (each row sums to 1) for (B, 1, 28, 28) `images` as
     `to_model_input` gives them: the softmax of the logits of one forward pass in eval mode."""
-    images = backend_of(model.head.weight.data).asarray(images)        # onto the model's device
+    images = model_backend(model).asarray(images)        # onto the model's device
     return inspect(model, images)["probabilities"]
 
 

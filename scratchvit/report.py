@@ -14,7 +14,7 @@ fused kernel on the GPU) applied to the logits. attention_maps.inspect also retu
 but it also stacks every layer's attention and multiplies out the rollout for each batch and copies
 both to the host: over a whole test set that is work and transfers for maps nobody looks at.
 
-Predictions are the argmax of the logits, exactly as `train.evaluate` counts them (same batches,
+Predictions are the argmax of the logits, exactly as `evaluation.evaluate` counts them (same batches,
 same eval mode), so the report's accuracy is the number training printed for the same model.
 """
 import dataclasses
@@ -118,16 +118,12 @@ def evaluation_report(model, images, labels, batch_size=500):
         raise ValueError("images must hold at least one image, got 0")
     if not isinstance(batch_size, (int, numpy.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    was_training = model.training
-    model.eval()
     predictions, probabilities = [], []
-    try:
+    with model.evaluating():
         for start in range(0, images.shape[0], batch_size):
             logits = model.forward(images[start:start + batch_size])
             predictions.append(to_host(logits.argmax(axis=1)))
             probabilities.append(to_host(softmax(logits)))
-    finally:
-        model.train(was_training)
     predictions = numpy.concatenate(predictions).astype(numpy.int64)
     probabilities = numpy.concatenate(probabilities)
     labels = labels.astype(numpy.int64)

@@ -110,8 +110,14 @@ def train_main(argv):
     return train_mnist.main(options)
 
 
+def numpy_copies():
+    """(download, upload) for distributed.HostStagedAllreduce on NumPy arrays: the GPU's copies (cupy_copies)
+    done on the host, so the tests run the staged exchange for real without a GPU."""
+    return (lambda array, out: numpy.copyto(out, array)), (lambda buffer, array: numpy.copyto(array, buffer))
+
+
 def exchange_main():
-    from scratchvit.distributed import HostStagedAllreduce, MpiAllreduce, numpy_copies, world
+    from scratchvit.distributed import HostStagedAllreduce, MpiAllreduce, world
     communicator = world()
     comm, MPI, rank, size = communicator.comm, communicator.MPI, communicator.rank, communicator.size
     assert size > 1, "run under mpiexec with 2 or more processes"

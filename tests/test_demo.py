@@ -5,7 +5,7 @@ that resets its connection) use raw sockets on loopback, each bounded in time: s
 them have a short deadline (SHORT_DEADLINE_S) and few workers.
 
 The model is a tiny ViT (28x28 images, patch 7: a 4x4 patch grid, dim 16, two layers of two heads),
-built, saved with scratchvit.train.save_checkpoint and loaded back through
+built, saved with scratchvit.checkpoint.save_checkpoint and loaded back through
 scratchvit.predict.load_trained_model, as the command line does. It is untrained: these tests check
 what the server answers and how, not what the model believes; the browser test and the README's
 screenshot use a trained one.
@@ -30,7 +30,8 @@ import pytest
 
 from conftest import GPU_SKIP_REASON, on_gpu
 from scratchvit.optim import AdamW
-from scratchvit.train import TrainConfig, save_checkpoint
+from scratchvit.checkpoint import save_checkpoint
+from scratchvit.config import TrainConfig
 from scratchvit.vit import ViT
 
 if importlib.util.find_spec("PIL") is None:

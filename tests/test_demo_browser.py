@@ -60,7 +60,8 @@ def browser_skip_reason():
 
 def write_tiny_checkpoint(path):
     from scratchvit.optim import AdamW
-    from scratchvit.train import TrainConfig, save_checkpoint
+    from scratchvit.checkpoint import save_checkpoint
+    from scratchvit.config import TrainConfig
     from scratchvit.vit import ViT
     model = ViT(image_size=28, num_classes=10, seed=1, **TINY_MODEL)
     save_checkpoint(path, model=model, optimizer=AdamW(list(model.parameters()), lr=1e-3),

@@ -30,11 +30,16 @@ from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.data import MNIST_FILES
 from scratchvit.distributed import (DistributedError, HostStagedAllreduce, MpiAllreduce, MpiCommunicator,
                                     NcclAllreduce, SingleProcess, choose_exchange, launcher_world_size,
-                                    make_gpu_exchange, mpi_takes_cuda_memory, numpy_copies, shard_bounds,
+                                    make_gpu_exchange, mpi_takes_cuda_memory, shard_bounds,
                                     threads_for_rank)
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
-from scratchvit.train import LOCK_NAME, EpochRandomness, TrainConfig, load_checkpoint, parameter_groups, run
+from scratchvit.checkpoint import load_checkpoint
+from scratchvit.config import TrainConfig, build_model, load_data
+from scratchvit.optim import parameter_groups
+from scratchvit.randomness import EpochRandomness
+from scratchvit.run_folder import LOCK_NAME
+from scratchvit.train import run
 from scratchvit.train_step import TrainStep
 from scratchvit.vit import ViT
 from test_train import TINY_MODEL, TINY_MODEL_ARGS, read_metrics, write_dataset
@@ -223,7 +228,7 @@ def test_the_cuda_aware_exchange_waits_for_the_stream_before_mpi_reads():
 def test_the_host_staged_exchange_sums_through_a_kept_host_buffer(dtype):
     others = numpy.linspace(-1, 1, 5).astype(dtype)
     comm = FakeComm(others=others)
-    exchange = HostStagedAllreduce(comm, FakeMPI, *numpy_copies())
+    exchange = HostStagedAllreduce(comm, FakeMPI, *mpi_job.numpy_copies())
     gradients = numpy.arange(5, dtype=dtype)
     exchange(gradients)
     numpy.testing.assert_array_equal(gradients, numpy.arange(5, dtype=dtype) + others)
@@ -398,8 +403,8 @@ def test_the_ranks_check_every_option_the_data_and_the_whole_optimiser_state(tmp
     from scratchvit.backend import get_backend
     config = TrainConfig(data_dir=str(write_dataset(tmp_path / "data", train_count=32, test_count=8)),
                          out_dir=str(tmp_path / "run"), epochs=1, batch_size=16, threads=1, **TINY_MODEL)
-    data = train.load_data(config, get_backend("cpu"))
-    model = train.build_model(config, data)
+    data = load_data(config, get_backend("cpu"))
+    model = build_model(config, data)
     optimizer = AdamW(parameter_groups(model, config.weight_decay), lr=1e-3, weight_decay=config.weight_decay)
     step = TrainStep(model, optimizer, SoftmaxCrossEntropy(), threads=1)
     step(data["train_images"][:16], data["train_labels"][:16])      # moments and step count not at their start

@@ -20,13 +20,6 @@ PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1] / "scratchvit"
 
 TRAINING_ONLY = ("scratchvit.train", "scratchvit.optim")     # the training loop and the optimizer
 
-# A fault the restructuring of issue 17 removes, expected to fail until its branches are merged (then this
-# mark goes): predict (and so the demo's command) imports the training loop to load a checkpoint until
-# checkpoint.py holds the loading.
-IMPORTS_TRAINING_TODAY = {"scratchvit.predict", "scratchvit.demo.__main__"}
-TRAINING_TODAY = pytest.mark.xfail(not (PACKAGE_ROOT / "checkpoint.py").exists(), strict=True,
-                                   reason="predict loads checkpoints from train.py until checkpoint.py holds that")
-
 
 def module_names(root):
     """{module name: path} for every .py file under the package folder `root`."""
@@ -174,7 +167,7 @@ def test_the_package_has_no_import_cycle():
 def _user_facing():
     names = ["scratchvit.predict", "scratchvit.report", "scratchvit.attention_maps"]
     names += sorted(name for name in GRAPH if name == "scratchvit.demo" or name.startswith("scratchvit.demo."))
-    return [pytest.param(name, marks=TRAINING_TODAY) if name in IMPORTS_TRAINING_TODAY else name for name in names]
+    return names
 
 
 @pytest.mark.parametrize("module", _user_facing())

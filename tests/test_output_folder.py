@@ -30,10 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from scratchvit import train
+from scratchvit import checkpoint, run_folder, run_log, train
+from scratchvit.checkpoint import load_checkpoint
+from scratchvit.config import ConfigError, TrainConfig
 from scratchvit.data import DataError, atomic_write_bytes
-from scratchvit.train import (LOCK_NAME, ConfigError, FolderLock, OutputError, TrainConfig, TrainingInterrupted,
-                              load_checkpoint, open_log, read_step_log, run, terminate_like_ctrl_c, writing)
+from scratchvit.run_folder import LOCK_NAME, FolderLock
+from scratchvit.run_log import OutputError, open_log, read_step_log, writing
+from scratchvit.signals import TrainingInterrupted, terminate_like_ctrl_c
+from scratchvit.train import run
 from test_train import (REPO_ROOT, RESUME_STEPS, TINY_MODEL, TINY_MODEL_ARGS, Crash, assert_one_line_error,
                         assert_same_checkpoint_state, cli, losses_and_accuracies, quiet, read_metrics,
                         reference_run, resume_config, resume_dataset, write_dataset)  # noqa: F401 (fixtures)
@@ -240,7 +244,7 @@ def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_not_the_folders(tmp_pa
     """The race of a removed lock file: B opens .lock, its holder releases it (removes it) and C takes a
     new one, then B's flock succeeds on the removed file. B must see that the name leads to C's file,
     and stop, since C holds the folder."""
-    real_flock, lockers = train.fcntl.flock, []
+    real_flock, lockers = run_folder.fcntl.flock, []
 
     def flock_after_a_release(descriptor, operation):
         if not lockers:                                 # B, between its open and its flock
@@ -249,7 +253,7 @@ def test_a_lock_taken_on_a_lock_file_removed_meanwhile_is_not_the_folders(tmp_pa
             lockers[0].acquire()                        # ... and C takes it (through this same function)
         return real_flock(descriptor, operation)
 
-    monkeypatch.setattr(train.fcntl, "flock", flock_after_a_release)
+    monkeypatch.setattr(run_folder.fcntl, "flock", flock_after_a_release)
     (tmp_path / LOCK_NAME).write_text("")
     with pytest.raises(OutputError, match=rf"in use by another run \(pid {os.getpid()}"):
         FolderLock(tmp_path).acquire()
@@ -319,8 +323,10 @@ def fail_writes_to(monkeypatch, name, after=0, error_number=errno.ENOSPC):
             return function(path, *args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(train, "atomic_write_bytes", failing(train.atomic_write_bytes))
-    monkeypatch.setattr(train, "open_log", failing(train.open_log))
+    for module, names in ((checkpoint, ["atomic_write_bytes"]), (run_log, ["atomic_write_bytes", "open_log"]),
+                          (run_folder, ["open_log"]), (train, ["open_log"])):    # wherever the run calls them
+        for function_name in names:
+            monkeypatch.setattr(module, function_name, failing(getattr(module, function_name)))
 
 
 def epochs_of(out_dir):

@@ -20,7 +20,9 @@ from scratchvit.attention_maps import attention_rollout, inspect  # noqa: E402
 from scratchvit.plots import (attention_heads_figure, confusion_figure, curves_figure, epoch_ends,  # noqa: E402
                               log_window, mistakes_figure, rollout_figure, write_evaluation_plots, write_plots)
 from scratchvit.report import evaluation_report  # noqa: E402
-from scratchvit.train import TrainConfig, read_step_log, run  # noqa: E402
+from scratchvit.config import TrainConfig  # noqa: E402
+from scratchvit.run_log import read_step_log  # noqa: E402
+from scratchvit.train import run  # noqa: E402
 from test_report import LABELS, LogitsModel, chosen_logits, index_images  # noqa: E402
 from test_train import IMAGE_SIZE, TINY_MODEL, write_dataset  # noqa: E402
 

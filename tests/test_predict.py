@@ -28,7 +28,10 @@ from scratchvit.data import MNIST_FILES, normalize, write_idx
 from scratchvit.optim import AdamW
 from scratchvit.predict import load_trained_model, main, probabilities
 from scratchvit.preprocess import load_mnist_style, to_model_input
-from scratchvit.train import CheckpointError, TrainConfig, load_checkpoint, parameter_groups, run, save_checkpoint
+from scratchvit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scratchvit.config import TrainConfig
+from scratchvit.optim import parameter_groups
+from scratchvit.train import run
 from test_preprocess import CLASSES, HAS_PILLOW, digit, enlarged, on_canvas, write_png
 
 pytestmark = pytest.mark.skipif(not HAS_PILLOW, reason='Pillow is not installed (pip install Pillow, or the '

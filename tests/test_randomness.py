@@ -14,10 +14,12 @@ import numpy
 import pytest
 
 from conftest import on_gpu
-from scratchvit import train
+from scratchvit import randomness as randomness_module
 from scratchvit.backend import ReplayableGenerator, get_backend, to_host
 from scratchvit.layers import Dropout
-from scratchvit.train import EpochRandomness, load_checkpoint, run
+from scratchvit.checkpoint import load_checkpoint
+from scratchvit.randomness import EpochRandomness
+from scratchvit.train import run
 from scratchvit.vit import ViT
 from test_train import assert_same_checkpoint_state, quiet, resume_config, write_dataset
 
@@ -30,7 +32,7 @@ def models(count=1, dropout=0.1, emb_dropout=0.1):
 @pytest.fixture
 def replay_everywhere(monkeypatch):
     """Training's device generators are ReplayableGenerators on NumPy too, as they are on CuPy."""
-    monkeypatch.setattr(train, "epoch_generator", ReplayableGenerator)
+    monkeypatch.setattr(randomness_module, "epoch_generator", ReplayableGenerator)
 
 
 def draw_a_step(randomness, xp, batch=6):
@@ -59,7 +61,7 @@ def test_no_generator_is_made_for_a_dropout_of_p_0(monkeypatch):
         made.append(seed)
         return numpy.random.default_rng(seed)
 
-    monkeypatch.setattr(train, "epoch_generator", counting_generator)
+    monkeypatch.setattr(randomness_module, "epoch_generator", counting_generator)
     model = models(dropout=0.0, emb_dropout=0.0)[0]
     randomness = EpochRandomness([model], numpy, seed=0, epoch=3)
     assert len(randomness.dropout_layers) == 4
@@ -132,7 +134,7 @@ def test_a_checkpoint_without_device_states_restarts_from_seeds_that_mix_in_the_
 
 
 def test_a_numpy_state_on_a_device_that_replays_restarts_and_says_so(replay_everywhere):
-    monkeypatched = train.epoch_generator
+    monkeypatched = randomness_module.epoch_generator
     cpu_state = dict(generators=[numpy.random.default_rng(0).bit_generator.state] + [None] * 4)
     randomness = EpochRandomness(models(dropout=0.0, emb_dropout=0.0), numpy, seed=1, epoch=0)
     assert isinstance(randomness.augmentation, monkeypatched)

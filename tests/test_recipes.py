@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from scratchvit.recipes import RECIPES, recipe_for_device, recipe_options
-from scratchvit.train import ConfigError, TrainConfig
+from scratchvit.config import ConfigError, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 The counting is checked on a stand-in model whose logits the test chooses, against a confusion
 matrix counted by hand in a loop, so a swapped axis, a lost batch or a wrong row sum shows; then on
-a real tiny ViT against `train.evaluate` (the accuracy training prints); then end to end through the
+a real tiny ViT against `evaluation.evaluate` (the accuracy training prints); then end to end through the
 CLI on the synthetic data of test_train.py, whose labels are 0..3 of 10 classes: classes 4 to 9
 have no test image, the case where per-class accuracy is undefined (NaN in Python, null in JSON).
 """
@@ -14,17 +14,19 @@ import pytest
 
 from scratchvit import ViT
 from scratchvit.backend import to_host
+from scratchvit.layers import Layer
 from scratchvit.layers.softmax import softmax_simple
 from scratchvit.report import (MISTAKES_IN_JSON, EvaluationReport, evaluation_report, json_text,
                                write_report_json)
-from scratchvit.train import TrainConfig, evaluate, evaluate_checkpoint, report_checkpoint
+from scratchvit.config import TrainConfig
+from scratchvit.evaluation import evaluate, report_checkpoint
 from test_train import (CLASSES, HAS_MATPLOTLIB, IMAGE_SIZE, TINY_MODEL, TINY_MODEL_ARGS, assert_one_line_error,
-                        cli, quiet, read_metrics, write_dataset)
+                        cli, read_metrics, saved_model_accuracy, write_dataset)
 
 
-class LogitsModel:
+class LogitsModel(Layer):
     """A stand-in for a ViT: image n (a (1, 1, 1) array holding n) gets row n of `logits`. Records the
-    training mode of every forward, and the batch sizes it saw."""
+    training mode of every forward, and the batch sizes it saw. A Layer, for Layer.evaluating."""
 
     def __init__(self, logits):
         self.logits, self.training, self.modes, self.batches = numpy.asarray(logits), True, [], []
@@ -172,7 +174,7 @@ def test_the_accepted_boundaries_of_labels_and_batch_size():
 
 
 def test_the_report_of_a_vit_agrees_with_evaluate(backend):
-    """On a real model (either device): the same accuracy as train.evaluate, the same predictions as
+    """On a real model (either device): the same accuracy as evaluation.evaluate, the same predictions as
     the argmax of its logits, and probabilities that are the softmax of those logits."""
     rng = numpy.random.default_rng(3)
     model = ViT(image_size=IMAGE_SIZE, num_classes=5, dropout=0.2, seed=1, dtype="float64", **TINY_MODEL)
@@ -296,9 +298,9 @@ def test_cli_eval_only_prints_the_report_and_writes_it_as_json(dataset, trained)
     assert "evaluation.json" in result.stdout
 
 
-def test_report_checkpoint_from_python_matches_evaluate_checkpoint(dataset, trained, tmp_path):
+def test_report_checkpoint_from_python_matches_evaluate(dataset, trained, tmp_path):
     """The report is callable from Python, writes beside the checkpoint wherever that is, and its
-    accuracy is evaluate_checkpoint's."""
+    accuracy is the one training measures (evaluation.evaluate on the same saved model)."""
     checkpoint = tmp_path / "copy" / "model.npz"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes((trained / "checkpoint.npz").read_bytes())
@@ -306,7 +308,7 @@ def test_report_checkpoint_from_python_matches_evaluate_checkpoint(dataset, trai
     lines = []
     report = report_checkpoint(checkpoint, config, log=lines.append)
     assert isinstance(report, EvaluationReport)
-    assert report.accuracy == evaluate_checkpoint(checkpoint, config, log=quiet)
+    assert report.accuracy == saved_model_accuracy(checkpoint, config)
     assert report.table() in lines
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["evaluation.json", "model.npz"]
     assert json.loads((checkpoint.parent / "evaluation.json").read_text())["correct"] == report.correct

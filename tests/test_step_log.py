@@ -1,4 +1,4 @@
-"""The per-step log OUT/steps.jsonl (scratchvit.train.StepLog): what its lines hold, how many there
+"""The per-step log OUT/steps.jsonl (scratchvit.run_log.StepLog): what its lines hold, how many there
 are, and that --resume, Ctrl-C and a crash leave one line per window, in order, with no repeats.
 
 The runs train the tiny ViT of test_train.py on its synthetic data in batches of 4, so an epoch has
@@ -14,8 +14,11 @@ import signal
 import numpy
 import pytest
 
-from scratchvit.train import (LOSS_READ_INTERVAL, ConfigError, TrainConfig, TrainStep, learning_rate_schedule,
-                              load_checkpoint, read_step_log, run)
+from scratchvit.checkpoint import load_checkpoint
+from scratchvit.config import LOSS_READ_INTERVAL, ConfigError, TrainConfig
+from scratchvit.run_log import read_step_log
+from scratchvit.train import learning_rate_schedule, run
+from scratchvit.train_step import TrainStep
 from test_train import TINY_MODEL, TINY_MODEL_ARGS, Crash, assert_one_line_error, cli, quiet, write_dataset
 
 BATCH = 4

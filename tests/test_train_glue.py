@@ -1,22 +1,28 @@
-"""Tests of the glue in scratchvit.train that the end-to-end tests pass over: the learning-rate
-schedule `run()` builds, which parameters `parameter_groups` decays, and the evaluation split over
-threads when the test set takes several evaluation batches.
+"""Tests of the glue around scratchvit.train that the end-to-end tests pass over: the learning-rate
+schedule `run()` builds, which parameters `optim.parameter_groups` decays, and the evaluation split over
+threads when the test set takes several evaluation batches (evaluation.evaluate).
 
 Each test is meant to fail for a realistic bug: an off-by-one in the schedule or its warmup cap
 dropped, LayerNorm gammas or biases decayed, a thread's evaluation batches lost or run in training
-mode. The runs use the tiny synthetic data set of test_train.py.
+mode, a model left in eval mode after a failed evaluation. The runs use the tiny synthetic data set of
+test_train.py.
 """
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import pytest
 
 import scratchvit.train
 from scratchvit import ViT
+from scratchvit.config import TrainConfig
 from scratchvit.cpu_threads import can_limit_blas_threads
-from scratchvit.optim import AdamW
-from scratchvit.train import TrainConfig, evaluate_checkpoint, learning_rate_schedule, parameter_groups, run
-from test_train import CLASSES, IMAGE_SIZE, TINY_MODEL, quiet, write_dataset
+from scratchvit.evaluation import evaluate
+from scratchvit.layers import Dropout, Layer
+from scratchvit.optim import AdamW, parameter_groups
+from scratchvit.train import learning_rate_schedule, run
+from test_train import CLASSES, IMAGE_SIZE, TINY_MODEL, quiet, saved_model_accuracy, write_dataset
 
 PEAK_LR = 1e-3
 
@@ -141,4 +147,39 @@ def test_threaded_evaluation_over_several_batches_equals_a_serial_evaluation(dat
     accuracy = history[-1]["test_accuracy"]
     assert 0.3 < accuracy < 0.95, accuracy       # neither chance nor perfect: a wrong count would show
     serial = dataclasses.replace(config, threads=1, eval_batch_size=128)    # one batch, one model, no threads
-    assert evaluate_checkpoint(tmp_path / "checkpoint.npz", serial, log=quiet) == accuracy
+    assert saved_model_accuracy(tmp_path / "checkpoint.npz", serial) == accuracy
+
+
+class Classifier(Layer):
+    """A stand-in model with a dropout sub-layer: records (its mode, the sub-layer's) at every forward and
+    raises MemoryError at forward number `fail_at` (None: never)."""
+
+    def __init__(self, fail_at=None):
+        self.dropout = Dropout(0.5)
+        self.fail_at, self.modes = fail_at, []
+
+    def forward(self, images):
+        self.modes.append((self.training, self.dropout.training))
+        if len(self.modes) == self.fail_at:
+            raise MemoryError("out of memory in the middle of the evaluation")
+        return numpy.zeros((images.shape[0], 2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_evaluation_gives_every_model_its_mode_back_also_when_a_forward_fails(threads):
+    """evaluate runs the model and its replicas in eval mode, then gives each layer its mode back, also
+    when a forward raises midway: a replica left in eval mode would train on without dropout."""
+    images, labels = numpy.zeros((6, 1, 2, 2)), numpy.zeros(6, dtype=numpy.int64)
+    model, replica = Classifier(), Classifier()
+    replica.dropout.eval()                              # a mixed mode comes back as it was, too
+    with ThreadPoolExecutor(threads) as pool:
+        assert evaluate(model, images, labels, 2, replicas=[replica], pool=pool) == 1.0
+    assert (model.training, model.dropout.training, replica.training, replica.dropout.training) == (
+        True, True, True, False)
+    failing = Classifier(fail_at=2)
+    with ThreadPoolExecutor(threads) as pool, pytest.raises(MemoryError):
+        evaluate(failing, images, labels, 2, replicas=[replica], pool=pool)
+    assert all(mode == (False, False) for mode in model.modes + failing.modes + replica.modes)
+    assert (failing.training, failing.dropout.training, replica.training, replica.dropout.training) == (
+        True, True, True, False)
+

@@ -6,7 +6,7 @@ from scratchvit import ViT
 from scratchvit.cpu_threads import can_limit_blas_threads
 from scratchvit.layers import SoftmaxCrossEntropy
 from scratchvit.optim import AdamW
-from scratchvit.train import parameter_groups
+from scratchvit.optim import parameter_groups
 from scratchvit.train_step import MIN_IMAGES_PER_THREAD, TrainStep
 
 needs_thread_limit = pytest.mark.skipif(not can_limit_blas_threads(),
@@ -87,7 +87,7 @@ def test_threads_must_be_positive():
 
 @needs_thread_limit
 def test_parallel_evaluation_counts_the_same_as_serial():
-    from scratchvit.train import evaluate
+    from scratchvit.evaluation import evaluate
     model, step, _, _ = make_step(2, dtype="float32")
     rng = numpy.random.default_rng(5)
     images = rng.standard_normal((37, 1, 8, 8)).astype("float32")
@@ -105,7 +105,9 @@ def test_training_runs_end_to_end(backend, tmp_path, seed):
     as well (the loss falls, the checkpoint holds finite weights): whether the GPU computes the same
     numbers is tests/test_equivalence.py's business, not an accuracy threshold's."""
     from scratchvit.data import write_idx
-    from scratchvit.train import TrainConfig, load_checkpoint, run
+    from scratchvit.checkpoint import load_checkpoint
+    from scratchvit.config import TrainConfig
+    from scratchvit.train import run
     rng = numpy.random.default_rng(seed)
     for prefix, count in (("train", 256), ("t10k", 64)):
         labels = rng.integers(0, 4, count).astype(numpy.uint8)

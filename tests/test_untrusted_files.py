@@ -32,12 +32,15 @@ from hypothesis import strategies as st
 from test_train import (IMAGE_SIZE, TINY_MODEL, TINY_MODEL_ARGS, assert_one_line_error, cli, quiet, read_metrics,
                         write_dataset)
 from scratchvit import vit as vit_module
-from scratchvit import train as train_module
+from scratchvit import config as config_module
 from scratchvit.checkpoint_file import DEFLATE_MAX_RATIO, CheckpointError, read_checkpoint
 from scratchvit.data import MNIST_FILES, DataError, load_mnist, read_idx, write_idx
 from scratchvit.distributed import usable_cores
 from scratchvit.optim import AdamW
-from scratchvit.train import (ConfigError, TrainConfig, load_checkpoint, parameter_groups, run, save_checkpoint)
+from scratchvit.checkpoint import load_checkpoint, save_checkpoint
+from scratchvit.config import ConfigError, TrainConfig
+from scratchvit.optim import parameter_groups
+from scratchvit.train import run
 from scratchvit.vit import MAX_PARAMETERS, ViT, check_config, parameter_count, parameter_shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -540,8 +543,8 @@ def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_is_built(dataset
     config = TrainConfig(**RUN_OPTIONS, data_dir=str(dataset), out_dir=str(tmp_path))
     count = parameter_count(**config.model_config(IMAGE_SIZE))
     built = []
-    monkeypatch.setattr(train_module, "ViT", lambda **options: built.append(options))
-    monkeypatch.setattr(train_module, "physical_memory", lambda: 4 * 4 * count - 1)     # 4 float32 copies, less 1
+    monkeypatch.setattr(config_module, "ViT", lambda **options: built.append(options))
+    monkeypatch.setattr(config_module, "physical_memory", lambda: 4 * 4 * count - 1)     # 4 float32 copies, less 1
     with pytest.raises(ConfigError, match="memory"):
         run(config, log=quiet)
     assert built == []
@@ -550,7 +553,7 @@ def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_is_built(dataset
 def test_a_model_that_just_fits_in_memory_trains(dataset, tmp_path, monkeypatch):
     config = TrainConfig(**dict(RUN_OPTIONS, epochs=1), data_dir=str(dataset), out_dir=str(tmp_path))
     count = parameter_count(**config.model_config(IMAGE_SIZE))
-    monkeypatch.setattr(train_module, "physical_memory", lambda: 4 * 4 * count)
+    monkeypatch.setattr(config_module, "physical_memory", lambda: 4 * 4 * count)
     assert len(run(config, log=quiet)) == 1
 
 

@@ -16,10 +16,13 @@ import pytest
 import scratchvit.train
 from scratchvit import ViT
 from scratchvit.data import load_mnist, normalize
-from scratchvit.train import CheckpointError, TrainConfig, evaluate, evaluate_checkpoint, load_checkpoint, run
+from scratchvit.checkpoint import CheckpointError, load_checkpoint
+from scratchvit.config import TrainConfig
+from scratchvit.evaluation import evaluate
+from scratchvit.train import run
 from scratchvit.train_step import TrainStep
 from test_train import (TINY_MODEL, TINY_MODEL_ARGS, Crash, assert_one_line_error, cli, quiet, read_metrics,
-                        write_dataset)
+                        saved_model_accuracy, write_dataset)
 
 TRAIN_COUNT = 240
 TEST_COUNT = 64
@@ -159,7 +162,7 @@ def test_metrics_put_validation_accuracy_beside_test_accuracy_every_epoch(valida
 
 def test_eval_only_stays_on_the_test_set(validated_run):
     run_config, history = validated_run
-    accuracy = evaluate_checkpoint(f"{run_config.out_dir}/checkpoint.npz", run_config, log=quiet)
+    accuracy = saved_model_accuracy(f"{run_config.out_dir}/checkpoint.npz", run_config)
     assert accuracy == history[-1]["test_accuracy"] != history[-1]["validation_accuracy"]
 
 

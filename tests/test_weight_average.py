@@ -6,7 +6,9 @@ import numpy
 import pytest
 
 from scratchvit.optim import AdamW
-from scratchvit.train import TrainConfig, load_checkpoint, run
+from scratchvit.checkpoint import load_checkpoint
+from scratchvit.config import TrainConfig
+from scratchvit.train import run
 from scratchvit.vit import ViT
 from scratchvit.weight_average import WeightAverage
 
@@ -138,7 +140,8 @@ def test_a_run_with_ema_saves_the_average_and_evaluation_uses_it(tmp_path):
     """The checkpoint's average differs from its trained weights, and the recorded test accuracy is the
     average's: recomputed here from the average's weights, and loaded by load_checkpoint(averaged=True)."""
     from scratchvit.backend import get_backend
-    from scratchvit.train import build_model, evaluate, load_data
+    from scratchvit.config import build_model, load_data
+    from scratchvit.evaluation import evaluate
     config = tiny_config(tmp_path, ema_decay=0.9, rotation=10, scale=0.1, translate=0.1)
     history = run(config, log=lambda message: None)
     meta, trained, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz")

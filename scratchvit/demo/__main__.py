@@ -38,7 +38,7 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         return _error(f"--port must be from 0 to 65535, got {args.port}", 2)
     from ..predict import load_trained_model
-    from ..train import CheckpointError
+    from ..checkpoint import CheckpointError
     from .api import Demo
     from .server import make_server
     try:

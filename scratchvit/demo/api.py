@@ -31,7 +31,8 @@ import threading
 import numpy
 
 from ..attention_maps import inspect
-from ..backend import backend_of, is_gpu_array
+from ..backend import is_gpu_array
+from ..predict import model_backend
 from ..preprocess import BlankImage, mnist_style, to_model_input
 
 MIN_SIDE = 8            # a drawing smaller than this cannot hold a readable digit
@@ -194,7 +195,7 @@ class Demo:
         if is_gpu_array(weights):
             weights.device.use()      # the CUDA device is current per thread: the weights' one, on this thread
         images = to_model_input(prepared[None])                                           # (1, 1, 28, 28)
-        images = backend_of(weights).asarray(images)                                      # onto the model's device
+        images = model_backend(self.model).asarray(images)                                # onto the model's device
         return inspect(self.model, images)
 
     def predict(self, pixels, layer=None):
