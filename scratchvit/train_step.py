@@ -55,7 +55,7 @@ class TrainStep:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.communicator = SINGLE_PROCESS if communicator is None else communicator
-        on_cpu = get_array_module(model.head.weight.data).__name__ == "numpy"
+        on_cpu = model.device == "cpu"
         threads = available_cores() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads!r}")

@@ -35,7 +35,7 @@ it first; checkpoint_file.py checks a checkpoint's arrays against both before re
 """
 import numbers
 
-from .backend import get_array_module, host, host_generator, to_host
+from .backend import get_array_module, get_backend, host, host_generator, to_host
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 from .layers.layer import check_same_device
@@ -222,6 +222,6 @@ class ViT(Layer):
             if tuple(value.shape) != tuple(parameter.shape):
                 raise ValueError(f"shape mismatch for {name!r}: the state dict has {tuple(value.shape)}, "
                                  f"the model expects {tuple(parameter.shape)}")
-        xp = get_array_module(self.head.weight.data)
+        xp = get_backend(self.device).xp
         for name, parameter in parameters.items():
             parameter.data[...] = xp.asarray(state[name], dtype=parameter.data.dtype)
