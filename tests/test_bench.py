@@ -14,7 +14,7 @@ import numpy
 import pytest
 
 from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
-from scratchvit import bench, gpu_trace, machine
+from scratchvit import bench, bench_report, gpu_trace, machine
 from scratchvit.backend import BackendUnavailable, get_backend
 from scratchvit.vit import ViT
 
@@ -369,7 +369,7 @@ def test_machine_info_on_the_gpu(capsys, monkeypatch, tmp_path):
     assert machine.machine_info(fake_gpu_backend(no_driver))["cuda_driver"] is None     # unreadable: None, no failure
     report = run_json(capsys)
     report["machine"] = info
-    assert "; NVIDIA H200, cupy 14.2.0, CUDA runtime 12.6, driver 12.8 (550.54.15)" in bench.format_table(report)
+    assert "; NVIDIA H200, cupy 14.2.0, CUDA runtime 12.6, driver 12.8 (550.54.15)" in bench_report.format_table(report)
 
 
 def test_nvidia_driver_version(tmp_path):
@@ -385,7 +385,7 @@ def test_gpu_work_line_per_library():
                    kernel_share=0.4, bound="launch-bound", reason=None)),
                "torch": dict(label="torch 2.13",
                              gpu_operations=dict(gpu_trace.NOT_COUNTED, reason="tracing failed: X"))}
-    assert bench._gpu_work_text(results) == (
+    assert bench_report._gpu_work_text(results) == (
         "GPU work per step: scratchvit 812 kernels (+3 memcpy, +0 memset), 4.20 ms in kernels of a 10.50 ms traced "
         "step (40%): launch-bound; torch 2.13 n/a (tracing failed: X)")
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from scratchvit.backend import host_generator, to_host
-from scratchvit.gradcheck import (GradCheckReport, TensorCheck, check_layer, format_table,
-                                  randomize_parameters)
+from scratchvit.gradcheck import check_layer, randomize_parameters
+from scratchvit.gradcheck_report import GradCheckReport, TensorCheck, format_table
 from scratchvit.layers import (GELU, Dropout, Layer, LayerNorm, Linear, MultiHeadSelfAttention,
                                Patchify, SoftmaxCrossEntropy, softmax, softmax_backward)
 

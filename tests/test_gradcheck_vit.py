@@ -14,8 +14,8 @@ from hypothesis.extra import numpy as hnp
 
 from scratchvit import ViT
 from scratchvit.backend import host_generator, to_host
-from scratchvit.gradcheck import (DirectionalReport, GradCheckReport, check_directional, check_layer, main,
-                                  randomize_parameters)
+from scratchvit.gradcheck import check_directional, check_layer, main, randomize_parameters
+from scratchvit.gradcheck_report import DirectionalReport, GradCheckReport
 from scratchvit.layers import SoftmaxCrossEntropy
 
 # Tolerances (float64, central differences, eps = 1e-6). Element-wise, an element passes if
