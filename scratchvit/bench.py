@@ -42,7 +42,7 @@ from .optim import AdamW, parameter_groups
 from .train_step import TrainStep
 from .vit import ViT
 
-BENCH_BATCH_SIZE = 128   # the batch of the PyTorch reference figures in the README, and the training's
+BENCH_BATCH_SIZE = 128   # the training defaults' batch, and that of the README's PyTorch reference figures
 
 TORCH_NEEDED = "torch is needed only for --compare-torch: pip install torch"
 CHECKOUT_NEEDED = ("--compare-torch needs a checkout of the scratchvit repository: its PyTorch reference, "
