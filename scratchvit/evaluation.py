@@ -10,7 +10,7 @@ from .backend import get_backend
 from .checkpoint import check_same_model, load_checkpoint
 from .config import build_model, check_plot_dependency, load_data
 from .report import evaluation_report, write_report_json
-from .run_folder import EVALUATION_NAME
+from .run_folder import EVALUATION_NAME, make_output_folder
 from .run_log import OutputError, log_line
 
 
@@ -69,18 +69,23 @@ def load_for_evaluation(path, config):
     return meta, model, data
 
 
-def report_checkpoint(path, config, *, log=log_line):
+def report_checkpoint(path, config, *, log=log_line, folder=None):
     """The evaluation report of a saved model on the test set (report.EvaluationReport), what
     `train_mnist.py --eval-only` does: logs the test accuracy, then per-class accuracy and the
-    confusion matrix as a table, and writes them to evaluation.json in the checkpoint's folder (with
-    config.plot, also confusion.png and misclassified.png there). Fixed names, like the other files of
-    a run folder; the JSON names the checkpoint and its epoch."""
+    confusion matrix as a table, and writes them to evaluation.json in `folder`, by default the
+    checkpoint's folder (with config.plot, also confusion.png and misclassified.png there). Fixed
+    names, like the other files of a run folder; the JSON names the checkpoint and its epoch. The
+    shipped model is evaluated into another folder: the installed package may be read-only."""
     check_plot_dependency(config)
+    if folder is None:
+        folder = Path(path).parent
+    else:
+        folder = Path(folder)
+        make_output_folder(folder)                   # before loading: a bad folder costs no evaluation
     meta, model, data = load_for_evaluation(path, config)
     report = evaluation_report(model, data["test_images"], data["test_labels"], config.eval_batch_size)
     log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
     log(report.table())
-    folder = Path(path).parent
     json_path = folder / EVALUATION_NAME
     try:
         write_report_json(json_path, report, checkpoint=str(path), epoch=meta["epoch"], split="test")
