@@ -2,8 +2,8 @@
 
 This script only parses arguments and calls the library; everything it does can be done from Python
 with `scratchvit.train.run(TrainConfig(...))` (and --eval-only with
-`scratchvit.evaluation.report_checkpoint`; without --checkpoint it evaluates the model shipped in the
-package, scratchvit.PRETRAINED_PATH). Errors that a user can fix (a missing data
+`scratchvit.evaluation.report_checkpoint`, or without --checkpoint `report_pretrained`: the model
+shipped in the package). Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
 non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
 an output folder that cannot be created, locked or written to and a diverged run, 130 after Ctrl-C
@@ -30,12 +30,12 @@ import sys
 import traceback
 
 from scratchvit.backend import BackendUnavailable
-from scratchvit.checkpoint import CheckpointError, load_checkpoint
+from scratchvit.checkpoint import CheckpointError
 from scratchvit.config import LOSS_READ_INTERVAL, ConfigError, TrainConfig
 from scratchvit.data import DataError
 from scratchvit.distributed import DistributedError, usable_cores, world
-from scratchvit.evaluation import report_checkpoint
-from scratchvit.pretrained import PRETRAINED_PATH, shipped_model_line
+from scratchvit.evaluation import report_checkpoint, report_pretrained
+from scratchvit.pretrained import shipped_model_line
 from scratchvit.recipes import RECIPES, SUMMARIES
 from scratchvit.run_log import OutputError
 from scratchvit.signals import Terminated, TrainingInterrupted, terminate_like_ctrl_c
@@ -44,7 +44,6 @@ from scratchvit.vit import MAX_PARAMETERS
 
 
 RECIPE_OPTIONS = {name for options in RECIPES.values() for name in options}
-SHIPPED_MODEL_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim")
 
 
 def recipe_default(name, text=""):
@@ -143,15 +142,11 @@ def config_from_args(args):
 
 def evaluate_only(args, config):
     """--eval-only: the report of --checkpoint, written beside it; without --checkpoint, of the model
-    shipped in the package (with its own model options), written into --out-dir: the installed package
-    may be read-only."""
+    shipped in the package, written into --out-dir (the installed package may be read-only)."""
     if args.checkpoint:
         return report_checkpoint(args.checkpoint, config)
     print(shipped_model_line(), flush=True)
-    # the model options describe the shipped model, whatever the command line's recipe says
-    model_config = load_checkpoint(PRETRAINED_PATH)[0]["model_config"]
-    config = dataclasses.replace(config, **{name: model_config[name] for name in SHIPPED_MODEL_OPTIONS})
-    return report_checkpoint(PRETRAINED_PATH, config, folder=config.out_dir)
+    return report_pretrained(config)
 
 
 def main(argv=None):
