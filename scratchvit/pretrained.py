@@ -35,4 +35,4 @@ def shipped_model_line():
     uses it because no --checkpoint was given."""
     accuracy = pretrained_provenance().get("test_accuracy")
     measured = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) else ""
-    return f"using the shipped model {PRETRAINED_PATH}{measured} (no --checkpoint given)"
+    return f"using the shipped model {PRETRAINED_PATH}{measured}, as no --checkpoint was given"
