@@ -36,6 +36,7 @@ from scratchvit.pretrained import PRETRAINED_PATH, PROVENANCE_PATH, pretrained_p
 from scratchvit.report import evaluation_report
 from scratchvit.train import run
 from scratchvit.vit import parameter_count, parameter_shapes
+from conftest import on_gpu
 from test_preprocess import HAS_PILLOW, write_png
 from tools import ship_model
 
@@ -135,6 +136,17 @@ def test_load_pretrained_gives_the_shipped_weights_in_eval_mode():
     for name, value in model.state_dict().items():
         numpy.testing.assert_array_equal(value, weights[name], err_msg=name)
     assert scratchvit.PRETRAINED_PATH == PRETRAINED_PATH and scratchvit.pretrained_provenance()["sha256"]
+
+
+@on_gpu
+def test_load_pretrained_on_the_gpu_gives_the_cpu_probabilities(provenance):
+    """The shipped weights on the device: the samples' probabilities as NumPy computes them on the host."""
+    from scratchvit.predict import probabilities
+    inputs = normalize(sample_images(provenance), "cpu")
+    on_cpu = probabilities(scratchvit.load_pretrained("cpu"), inputs)
+    on_device = probabilities(scratchvit.load_pretrained("gpu"), inputs)
+    numpy.testing.assert_allclose(on_device, on_cpu, atol=1e-5)
+    assert (on_device.argmax(axis=1) == on_cpu.argmax(axis=1)).all()
 
 
 def test_the_shipped_files_are_package_data():
