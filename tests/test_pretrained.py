@@ -322,6 +322,15 @@ def test_the_export_command_records_the_run_and_reuses_what_it_was_given_for_the
     assert elsewhere.returncode == 1 and elsewhere.stderr.count("\n") == 1 and "--command" in elsewhere.stderr
 
 
+@needs_pillow
+def test_a_reexport_elsewhere_takes_what_it_was_given_from_the_shipped_json_of_the_same_weights(
+        finished_run, sample_dataset, tmp_path, monkeypatch):
+    """How anyone checks the shipped file: export their checkpoint into another folder and compare."""
+    first = ship_model.ship(finished_run, sample_dataset, tmp_path / "shipped", **GIVEN)
+    monkeypatch.setattr(ship_model, "PROVENANCE_PATH", tmp_path / "shipped" / PROVENANCE_PATH.name)
+    assert ship_model.ship(finished_run, sample_dataset, tmp_path / "check") == first
+
+
 def test_the_export_refuses_a_run_stopped_before_its_last_epoch(finished_run, tmp_path):
     meta, weights, _ = load_checkpoint(finished_run)
     meta = dict(meta, train_config=dict(meta["train_config"], epochs=2))

@@ -8,7 +8,11 @@ The .npz is the same file byte for byte on every export of the same checkpoint
 (checkpoint.inference_checkpoint_bytes: sorted members, a fixed zip time), so its SHA-256, recorded in
 the JSON, identifies the weights. The checkpoint does not record the command that trained it, its commit
 or its machine: they are given here, and a re-export of the same weights takes them from the JSON
-already there when they are not given again.
+already in --out-dir, or from the shipped one, when they are not given again. So anyone can check
+the shipped file against a checkpoint trained again with its command:
+
+    python tools/ship_model.py runs/ship-s0/checkpoint.npz --data-dir ../shared/data/mnist --out-dir /tmp/check
+    cmp /tmp/check/mnist_vit.npz scratchvit/models/mnist_vit.npz
 
 The JSON records, besides those three: the seed, epoch and model configuration (from the checkpoint's
 meta), the run's wall time (metrics.jsonl beside the checkpoint, its last epoch's wall_seconds), the
@@ -109,16 +113,17 @@ def provenance(model, meta, metrics, test_images, test_labels, *, sha256, given,
                 samples=samples)
 
 
-def previous_values(json_path, sha256):
-    """The command, commit and machine of the JSON already at `json_path` when it describes these same
+def previous_values(json_paths, sha256):
+    """The command, commit and machine of the first JSON of `json_paths` that describes these same
     weights (the same SHA-256), else {}."""
-    try:
-        previous = json.loads(Path(json_path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(previous, dict) or previous.get("sha256") != sha256:
-        return {}
-    return {name: previous[name] for name in GIVEN_FIELDS if isinstance(previous.get(name), str)}
+    for json_path in json_paths:
+        try:
+            previous = json.loads(Path(json_path).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(previous, dict) and previous.get("sha256") == sha256:
+            return {name: previous[name] for name in GIVEN_FIELDS if isinstance(previous.get(name), str)}
+    return {}
 
 
 def ship(checkpoint, data_dir, out_dir=PRETRAINED_PATH.parent, **given):
@@ -130,12 +135,12 @@ def ship(checkpoint, data_dir, out_dir=PRETRAINED_PATH.parent, **given):
     sha256 = hashlib.sha256(model_bytes).hexdigest()
     out_dir = Path(out_dir)
     npz_path, json_path = out_dir / PRETRAINED_PATH.name, out_dir / PROVENANCE_PATH.name
-    given = dict(previous_values(json_path, sha256), **{name: value for name, value in given.items()
-                                                         if value is not None})
+    given = dict(previous_values([json_path, PROVENANCE_PATH], sha256),
+                 **{name: value for name, value in given.items() if value is not None})
     missing = [name for name in GIVEN_FIELDS if name not in given]
     if missing:
-        raise ShipError(f"--{missing[0]} is needed: the checkpoint does not record it (and {json_path} does not "
-                        f"describe these weights)")
+        raise ShipError(f"--{missing[0]} is needed: the checkpoint does not record it (and neither {json_path} "
+                        f"nor the shipped {PROVENANCE_PATH.name} describes these weights)")
     arrays = load_mnist(data_dir, download=False)
     atomic_write_bytes(npz_path, model_bytes)
     model, _ = load_trained_model(npz_path)       # what is recorded is measured on the file as shipped
