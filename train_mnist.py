@@ -2,7 +2,8 @@
 
 This script only parses arguments and calls the library; everything it does can be done from Python
 with `scratchvit.train.run(TrainConfig(...))` (and --eval-only with
-`scratchvit.evaluation.report_checkpoint`). Errors that a user can fix (a missing data
+`scratchvit.evaluation.report_checkpoint`, or without --checkpoint `report_pretrained`: the model
+shipped in the package). Errors that a user can fix (a missing data
 folder, a corrupt file, a model option that does not fit, no CuPy) are printed as one line, with a
 non-zero exit status: 2 for a bad option or a missing GPU backend, 1 for data and checkpoint problems,
 an output folder that cannot be created, locked or written to and a diverged run, 130 after Ctrl-C
@@ -33,7 +34,8 @@ from scratchvit.checkpoint import CheckpointError
 from scratchvit.config import LOSS_READ_INTERVAL, ConfigError, TrainConfig
 from scratchvit.data import DataError
 from scratchvit.distributed import DistributedError, usable_cores, world
-from scratchvit.evaluation import report_checkpoint
+from scratchvit.evaluation import report_checkpoint, report_pretrained
+from scratchvit.pretrained import shipped_model_line
 from scratchvit.recipes import RECIPES, SUMMARIES
 from scratchvit.run_log import OutputError
 from scratchvit.signals import Terminated, TrainingInterrupted, terminate_like_ctrl_c
@@ -120,8 +122,10 @@ def build_parser():
                              f"reads of the loss from the device. 0: off")
     parser.add_argument("--eval-only", action="store_true",
                         help="print the test accuracy, per-class accuracy and confusion matrix of --checkpoint, "
-                             "write them to evaluation.json in the checkpoint's folder, and exit")
-    parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+                             "write them to evaluation.json in the checkpoint's folder, and exit; without "
+                             "--checkpoint, of the model shipped in the package, written into --out-dir")
+    parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only (default: the model shipped "
+                                             "in the package, scratchvit/models/mnist_vit.npz)")
     parser.add_argument("--plot", action="store_true",
                         help="write plots (matplotlib): after training curves.png (loss over steps, accuracy over "
                              "epochs), attention.png and attention_heads.png in OUT; with --eval-only "
@@ -136,11 +140,18 @@ def config_from_args(args):
     return TrainConfig.from_recipe(getattr(args, "recipe", None), **options)
 
 
+def evaluate_only(args, config):
+    """--eval-only: the report of --checkpoint, written beside it; without --checkpoint, of the model
+    shipped in the package, written into --out-dir (the installed package may be read-only)."""
+    if args.checkpoint:
+        return report_checkpoint(args.checkpoint, config)
+    print(shipped_model_line(), flush=True)
+    return report_pretrained(config)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.eval_only and not args.checkpoint:
-        parser.error("--eval-only needs --checkpoint PATH")
     config = config_from_args(args)
     try:
         communicator = world()          # this process alone, unless mpiexec started it with others
@@ -152,7 +163,7 @@ def main(argv=None):
         with terminate_like_ctrl_c():   # SIGTERM ends the program as Ctrl-C does (in training: a checkpoint first)
             if args.eval_only:
                 if communicator.is_root:    # one evaluation report, not one per rank
-                    report_checkpoint(args.checkpoint, config)
+                    evaluate_only(args, config)
             else:
                 run(config, communicator=communicator)
     except (BackendUnavailable, ConfigError, DistributedError) as error:

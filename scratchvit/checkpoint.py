@@ -6,19 +6,30 @@ The file is an .npz archive: "model/NAME" the trained weights, "average/NAME" th
 run keeps one, "optimizer/exp_avg" and "optimizer/exp_avg_sq" AdamW's moments, and "meta", JSON bytes:
 the model and training configurations, the epoch and step it was written at, the optimiser's step and
 learning rate, the generators' states (randomness.py) and the metrics of the epochs so far.
+
+`inference_checkpoint_bytes` makes the other kind, an inference-only file (checkpoint_file.py): the
+weights and a meta that says so, written the same way byte for byte whenever its inputs are the same.
 """
 import dataclasses
 import io
 import json
+import zipfile
+
+import numpy
+from numpy.lib import format as npy_format
 
 from .backend import host
-from .checkpoint_file import CheckpointError, read_checkpoint
+from .checkpoint_file import FORMAT, CheckpointError, is_inference_only, read_checkpoint
 from .config import TrainConfig
 from .data import atomic_write_bytes
 from .run_log import writing
 
 __all__ = ["CheckpointError", "check_resume_position", "check_same_model", "check_same_validation_split",
-           "load_checkpoint", "resume_weight_average", "save_checkpoint"]
+           "inference_checkpoint_bytes", "load_checkpoint", "resume_weight_average", "save_checkpoint"]
+
+# a zip entry's time is its local time of writing unless given (zipfile.ZipFile.open(name, "w")): the
+# earliest a zip can record, so that the same arrays always make the same bytes
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, random_state, history,
@@ -43,14 +54,44 @@ def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, ran
         atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path, *, averaged=False):
+def inference_checkpoint_bytes(model_state, meta):
+    """The bytes of an inference-only checkpoint: "model/NAME" float32 for each of `model_state`'s
+    weights and a "meta" made from a checked training checkpoint's `meta` (its configuration, epoch
+    and history), marked inference_only, without optimizer moments, average or generator states.
+
+    The same inputs give the same bytes: members in sorted order, each stored (not deflated) with a
+    fixed time (numpy.savez stamps the current one), the meta's JSON with sorted keys."""
+    inference_meta = dict(format=FORMAT, inference_only=True, model_config=meta["model_config"],
+                          train_config=meta["train_config"], epoch=meta["epoch"], step_in_epoch=0,
+                          optimizer_step=meta["optimizer_step"], optimizer_lr=meta["optimizer_lr"],
+                          average_updates=None, random_state=None, history=meta["history"])
+    arrays = {f"model/{name}": numpy.ascontiguousarray(value, dtype=numpy.float32)
+              for name, value in model_state.items()}
+    arrays["meta"] = numpy.frombuffer(json.dumps(inference_meta, sort_keys=True).encode(), dtype=numpy.uint8)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=FIXED_ZIP_TIME)
+            info.external_attr = 0o644 << 16          # -rw-r--r-- where unzipped, not the writer's umask
+            with archive.open(info, "w") as member:
+                npy_format.write_array(member, arrays[key], allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path, *, averaged=False, resuming=False):
     """(meta dict, model state dict, optimizer arrays) from a checkpoint file, or CheckpointError: every
     field, array header and size is checked before anything is read from it (checkpoint_file.py).
 
     averaged=True: the weights to evaluate, which are the weight average where the run kept one
-    (--ema-decay) and else the trained weights; False: the trained weights, which training resumes."""
-    return read_checkpoint(path, averaged=averaged,
-                           train_options={field.name for field in dataclasses.fields(TrainConfig)})
+    (--ema-decay) and else the trained weights; False: the trained weights, which training resumes.
+    resuming=True refuses an inference-only checkpoint (the shipped model), which has no optimizer
+    state to resume; otherwise its optimizer arrays are None."""
+    meta, model_state, optimizer_state = read_checkpoint(
+        path, averaged=averaged, train_options={field.name for field in dataclasses.fields(TrainConfig)})
+    if resuming and is_inference_only(meta):
+        raise CheckpointError(f"{path}: an inference-only model (weights without the optimizer's state): it "
+                              f"predicts and evaluates, but a run cannot resume from it; train without --resume")
+    return meta, model_state, optimizer_state
 
 
 REGULARISATION_OPTIONS = ("dropout", "emb_dropout")   # change training, not the shapes of the weights

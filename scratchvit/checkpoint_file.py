@@ -7,6 +7,11 @@ A checkpoint (checkpoint.save_checkpoint) is an .npz archive, a zip file of .npy
     optimizer/exp_avg.npy        AdamW's moments over the flat weight buffer: (P,) for P parameters
     optimizer/exp_avg_sq.npy
 
+An inference-only checkpoint (meta's "inference_only": true, as the shipped model scratchvit/models/
+mnist_vit.npz) holds meta and model/NAME alone: the weights to predict with, without the optimizer's
+moments or a weight average, written at the end of an epoch (step_in_epoch 0, random_state null). It
+is read through the same checks; it can be evaluated and predicted with, but not resumed.
+
 `read_checkpoint` reads it in this order, so that a damaged or crafted file costs no more memory than
 the model its configuration is allowed to describe:
     1. the zip's member list: known names only, each once; each member's declared size plausible for
@@ -58,7 +63,8 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(path, *, averaged=False, train_options=None):
     """(meta dict, {name: weight}, {"exp_avg": (P,), "exp_avg_sq": (P,)}) from a checkpoint, every part checked
-    first (see the module docstring), or CheckpointError.
+    first (see the module docstring), or CheckpointError. An inference-only checkpoint gives None for
+    the optimizer's state.
 
     averaged=True gives the weight average where the checkpoint holds one (else the trained weights);
     `train_options`, when given, are the names train_config may hold (TrainConfig's fields)."""
@@ -91,8 +97,14 @@ def read_checkpoint(path, *, averaged=False, train_options=None):
             raise CheckpointError(f"{path}: {key} holds values that are not finite (NaN or infinity): "
                                   f"the weights of a diverged run, not a usable model")
     model_state = {key[len(prefix):]: array for key, array in arrays.items() if key.startswith(prefix)}
-    optimizer_state = {name: arrays[f"optimizer/{name}"] for name in OPTIMIZER_ARRAYS}
+    optimizer_state = None if is_inference_only(meta) else {name: arrays[f"optimizer/{name}"]
+                                                             for name in OPTIMIZER_ARRAYS}
     return meta, model_state, optimizer_state
+
+
+def is_inference_only(meta):
+    """Whether a checked meta describes an inference-only checkpoint (weights alone, nothing to resume)."""
+    return meta.get("inference_only", False) is True
 
 
 def describe(error):
@@ -215,6 +227,12 @@ def check_meta(path, meta, train_options=None):
                               f"(step_in_epoch {step}) needs the generators' states")
     if random_state is not None:
         check_random_state(path, random_state)
+    inference_only = meta.get("inference_only", False)       # training checkpoints hold no such field
+    if not isinstance(inference_only, bool):
+        raise CheckpointError(f"{path}: meta field inference_only must be true or false, got {short(inference_only)}")
+    if inference_only and not (step == 0 and random_state is None and meta["average_updates"] is None):
+        raise CheckpointError(f"{path}: meta says inference_only, which holds one set of weights written at the end "
+                              f"of an epoch: step_in_epoch must be 0 and random_state and average_updates null")
 
 
 def check_model_config(path, config):
@@ -298,7 +316,8 @@ def expected_arrays(path, meta, members):
     count = sum(math.prod(shape) for shape in shapes.values())
     prefixes = ("model/", "average/") if meta["average_updates"] is not None else ("model/",)
     expected = {f"{prefix}{name}": shape for prefix in prefixes for name, shape in shapes.items()}
-    expected.update({f"optimizer/{name}": (count,) for name in OPTIMIZER_ARRAYS})
+    if not is_inference_only(meta):
+        expected.update({f"optimizer/{name}": (count,) for name in OPTIMIZER_ARRAYS})
     missing = [key for key in expected if key not in members]
     if missing:
         raise CheckpointError(f"{path}: the arrays do not fit the model its model_config describes: "
@@ -306,6 +325,7 @@ def expected_arrays(path, meta, members):
     extra = sorted(key for key in members if key != "meta" and key not in expected)
     if extra:
         reason = ("meta's average_updates is null" if extra[0].startswith("average/") else
+                  "meta says inference_only" if extra[0].startswith("optimizer/") else
                   "the model its model_config describes has no such weight")
         raise CheckpointError(f"{path}: the arrays do not fit the model its model_config describes: unexpected "
                               f"array {extra[0]} ({reason})")

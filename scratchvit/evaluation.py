@@ -1,17 +1,22 @@
 """Evaluating a model: its accuracy in eval mode (`evaluate`, what training prints after every epoch), the
 weights to evaluate (the weight average when the run keeps one), and `--eval-only`: a saved model loaded
-for evaluation and its report written beside the checkpoint (`report_checkpoint`).
+for evaluation and its report written beside the checkpoint (`report_checkpoint`), or the shipped
+model's into the output folder (`report_pretrained`).
 """
 import concurrent.futures
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from .backend import get_backend
 from .checkpoint import check_same_model, load_checkpoint
 from .config import build_model, check_plot_dependency, load_data
+from .pretrained import PRETRAINED_PATH
 from .report import evaluation_report, write_report_json
-from .run_folder import EVALUATION_NAME
+from .run_folder import EVALUATION_NAME, make_output_folder
 from .run_log import OutputError, log_line
+
+MODEL_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim")     # TrainConfig's options that shape the weights
 
 
 def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None, communicator=None):
@@ -69,18 +74,23 @@ def load_for_evaluation(path, config):
     return meta, model, data
 
 
-def report_checkpoint(path, config, *, log=log_line):
+def report_checkpoint(path, config, *, log=log_line, folder=None):
     """The evaluation report of a saved model on the test set (report.EvaluationReport), what
     `train_mnist.py --eval-only` does: logs the test accuracy, then per-class accuracy and the
-    confusion matrix as a table, and writes them to evaluation.json in the checkpoint's folder (with
-    config.plot, also confusion.png and misclassified.png there). Fixed names, like the other files of
-    a run folder; the JSON names the checkpoint and its epoch."""
+    confusion matrix as a table, and writes them to evaluation.json in `folder`, by default the
+    checkpoint's folder (with config.plot, also confusion.png and misclassified.png there). Fixed
+    names, like the other files of a run folder; the JSON names the checkpoint and its epoch. The
+    shipped model is evaluated into another folder: the installed package may be read-only."""
     check_plot_dependency(config)
+    if folder is None:
+        folder = Path(path).parent
+    else:
+        folder = Path(folder)
+        make_output_folder(folder)                   # before loading: a bad folder costs no evaluation
     meta, model, data = load_for_evaluation(path, config)
     report = evaluation_report(model, data["test_images"], data["test_labels"], config.eval_batch_size)
     log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
     log(report.table())
-    folder = Path(path).parent
     json_path = folder / EVALUATION_NAME
     try:
         write_report_json(json_path, report, checkpoint=str(path), epoch=meta["epoch"], split="test")
@@ -93,3 +103,12 @@ def report_checkpoint(path, config, *, log=log_line):
         raise OutputError(f"cannot write the evaluation report into {folder}: "
                           f"{error.strerror or error}") from None
     return report
+
+
+def report_pretrained(config, *, log=log_line):
+    """report_checkpoint of the model shipped in the package (pretrained.py), with that model's own
+    model options whatever `config` says, written into config.out_dir: never beside the shipped file,
+    since the installed package may be read-only."""
+    model_config = load_checkpoint(PRETRAINED_PATH)[0]["model_config"]
+    config = dataclasses.replace(config, **{name: model_config[name] for name in MODEL_OPTIONS})
+    return report_checkpoint(PRETRAINED_PATH, config, log=log, folder=config.out_dir)

@@ -3,6 +3,9 @@
     python -m scratchvit.predict --checkpoint runs/mnist/checkpoint.npz digit.png [more.png ...]
     digit.png: 7 (98.1%), 1 (1.2%), 9 (0.3%)
 
+Without --checkpoint it uses the model shipped in the package (scratchvit/pretrained.py), and says so
+in its first line, on stderr, so that stdout (and --json) holds the predictions alone.
+
 Each image is made into an MNIST image first (scratchvit/preprocess.py: grey, inverted when the
 background is light, cropped to the ink, fitted into 20x20, centred by mass in 28x28, normalised as in
 training), then the model gives the probabilities of the classes: the softmax of its logits, from the
@@ -17,7 +20,7 @@ not a model of 28x28 grey images, and for an image that cannot be read or is bla
 still predicted when another fails, and the exit status is then 1.
 
 From Python, the same in three calls (the demo page uses them):
-    model, meta = load_trained_model("runs/mnist/checkpoint.npz")
+    model, meta = load_trained_model("runs/mnist/checkpoint.npz")       # or model = load_pretrained()
     images = to_model_input([mnist_style(load_grayscale("digit.png"))])     # (1, 1, 28, 28)
     probabilities(model, images)                                             # (1, 10) host array
 """
@@ -29,6 +32,7 @@ from .attention_maps import inspect
 from .backend import BackendUnavailable, backend_of, get_backend, host
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import one_line
+from .pretrained import PRETRAINED_PATH, shipped_model_line
 from .preprocess import CANVAS_SIZE, PILLOW_HINT, ImageError, load_mnist_style, pillow_available, to_model_input
 from .vit import ViT
 
@@ -62,6 +66,12 @@ def load_trained_model(path, device="cpu"):
         raise CheckpointError(f"{path}: checkpoint's weights do not fit the model its configuration describes "
                               f"({one_line(reason)})") from None
     return model.eval().to(backend), meta
+
+
+def load_pretrained(device="cpu"):
+    """The model shipped in the package (scratchvit/pretrained.py), in eval mode on `device`, its file
+    checked on the way in as any checkpoint's. Its provenance: pretrained.pretrained_provenance()."""
+    return load_trained_model(PRETRAINED_PATH, device=device)[0]
 
 
 def model_backend(model):
@@ -118,7 +128,8 @@ def build_parser():
                                      description="Classify digit images (PNG, JPEG, ...) with a trained scratchvit "
                                                  "checkpoint, after making each an MNIST-style 28x28 image.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files; dark-on-light or light-on-dark")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by train_mnist.py")
+    parser.add_argument("--checkpoint", help="a checkpoint.npz written by train_mnist.py (default: the model "
+                                             "shipped in the package, scratchvit/models/mnist_vit.npz)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--top", type=int, default=3, metavar="K",
                         help="how many of the most probable classes to show (default: 3; at most all of them)")
@@ -144,8 +155,10 @@ def main(argv=None):
 
 def predict_and_print(args):
     """Print each image's line (or JSON object) as it comes; the exit status of main."""
+    if args.checkpoint is None:
+        print(shipped_model_line(), file=sys.stderr, flush=True)
     try:
-        model, _ = load_trained_model(args.checkpoint, args.device)
+        model, _ = load_trained_model(args.checkpoint or PRETRAINED_PATH, args.device)
     except BackendUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

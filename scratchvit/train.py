@@ -247,7 +247,7 @@ def run(config, *, log=log_line, on_step=None, communicator=None):
 
         start_epoch, start_step, random_state, history = 0, 0, None, []
         if config.resume:
-            meta, model_state, optimizer_state = load_checkpoint(checkpoint_path)
+            meta, model_state, optimizer_state = load_checkpoint(checkpoint_path, resuming=True)
             check_same_model(checkpoint_path, meta["model_config"], model.config)
             check_same_validation_split(checkpoint_path, meta["train_config"], config)
             check_resume_position(checkpoint_path, meta, steps_per_epoch, config)

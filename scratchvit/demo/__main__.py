@@ -1,6 +1,7 @@
-"""`python -m scratchvit.demo --checkpoint runs/mnist/checkpoint.npz [--port 8000] [--host 127.0.0.1] [--device cpu|gpu]`
+"""`python -m scratchvit.demo [--checkpoint CHECKPOINT] [--port 8000] [--host 127.0.0.1] [--device cpu|gpu]`
 
-Parses the options, loads the model and serves the page until Ctrl-C. Errors a user can fix are one
+Parses the options, loads the model and serves the page until Ctrl-C; without --checkpoint, the model
+shipped in the package (scratchvit/pretrained.py), which the first line names. Errors a user can fix are one
 line with a non-zero exit status, as in train_mnist.py: 1 for a checkpoint that is missing, damaged
 or of another model, or a port that cannot be opened; 2 for a bad option, a missing GPU backend or
 a missing Pillow.
@@ -15,7 +16,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="python -m scratchvit.demo",
                                      description="Draw a digit in a local web page and watch the ViT read it.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_mnist.py")
+    parser.add_argument("--checkpoint", help="a checkpoint written by train_mnist.py (default: the model shipped "
+                                             "in the package, scratchvit/models/mnist_vit.npz)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     # loopback only unless asked: the page has no login, and anyone who reaches it can use the model
     parser.add_argument("--host", default="127.0.0.1",
@@ -39,10 +41,12 @@ def main(argv=None):
         return _error(f"--port must be from 0 to 65535, got {args.port}", 2)
     from ..predict import load_trained_model
     from ..checkpoint import CheckpointError
+    from ..pretrained import PRETRAINED_PATH, shipped_model_line
     from .api import Demo
     from .server import make_server
+    checkpoint = args.checkpoint or PRETRAINED_PATH
     try:
-        model, meta = load_trained_model(args.checkpoint, device=args.device)
+        model, meta = load_trained_model(checkpoint, device=args.device)
     except BackendUnavailable as error:
         return _error(error, 2)
     except CheckpointError as error:
@@ -60,7 +64,8 @@ def main(argv=None):
     # them on the way out is bounded (server_close, demo.close), so Ctrl-C ends the process even with
     # a slow client or a forward pass in progress.
     try:
-        print(f"scratchvit demo: {server.url}  (model from {args.checkpoint}; Ctrl-C stops)", flush=True)
+        model_text = f"model from {checkpoint}" if args.checkpoint else shipped_model_line()
+        print(f"scratchvit demo: {server.url}  ({model_text}; Ctrl-C stops)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: listening on {args.host}: whoever can reach this port can use the page; it answers "
                   f"requests addressed to {server.url_host} (and localhost) only", flush=True)
