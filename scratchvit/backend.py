@@ -23,8 +23,6 @@ import numpy
 
 from .cupy_check import GPU_INSTALL_HINT, BackendUnavailable, cupy_or_error  # noqa: F401 (re-exported)
 
-host = numpy   # the host's array module: weights are created here, then moved with Backend.asarray
-
 
 def get_array_module(*arrays):
     """numpy, or cupy if any of `arrays` is a CuPy array."""

@@ -18,7 +18,6 @@ import zipfile
 import numpy
 from numpy.lib import format as npy_format
 
-from .backend import host
 from .checkpoint_file import FORMAT, CheckpointError, is_inference_only, read_checkpoint
 from .config import TrainConfig
 from .data import atomic_write_bytes
@@ -47,9 +46,9 @@ def save_checkpoint(path, *, model, optimizer, config, epoch, step_in_epoch, ran
                 epoch=epoch, step_in_epoch=step_in_epoch, optimizer_step=optimizer_state["step_count"],
                 optimizer_lr=optimizer_state["lr"], random_state=random_state, history=history,
                 average_updates=None if weight_average is None else weight_average.updates)
-    arrays["meta"] = host.frombuffer(json.dumps(meta).encode(), dtype=host.uint8)
+    arrays["meta"] = numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8)
     buffer = io.BytesIO()
-    host.savez(buffer, **arrays)
+    numpy.savez(buffer, **arrays)
     with writing(path):
         atomic_write_bytes(path, buffer.getvalue())
 

@@ -51,7 +51,9 @@ import os
 import sys
 import zlib
 
-from .backend import host, to_host
+import numpy
+
+from .backend import to_host
 
 # The launcher's environment: how many processes it started, read without importing MPI.
 # Open MPI sets OMPI_COMM_WORLD_SIZE ("Environment variables set for MPI applications", Open MPI 5 docs);
@@ -252,7 +254,7 @@ class MpiCommunicator:
     # -- small collectives, all through NumPy buffers (exact for integers, IEEE sums for floats)
 
     def _allreduce(self, value, dtype, op):
-        buffer = host.array([value], dtype=dtype)
+        buffer = numpy.array([value], dtype=dtype)
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=op)
         return buffer[0]
 
@@ -261,7 +263,7 @@ class MpiCommunicator:
 
     def sum(self, value):
         """The sum over ranks of a Python number (int stays int)."""
-        if isinstance(value, (int, host.integer)) and not isinstance(value, bool):
+        if isinstance(value, (int, numpy.integer)) and not isinstance(value, bool):
             return int(self._allreduce(value, "int64", self.MPI.SUM))
         return float(self._allreduce(value, "float64", self.MPI.SUM))
 
@@ -285,7 +287,7 @@ class MpiCommunicator:
         checksum = 0
         for array in arrays:
             if not isinstance(array, bytes):        # the array's own memory as bytes: no copy on the host
-                array = host.ascontiguousarray(to_host(array)).reshape(-1).view("uint8")
+                array = numpy.ascontiguousarray(to_host(array)).reshape(-1).view("uint8")
             checksum = zlib.crc32(array, checksum)
         lowest = int(self._allreduce(checksum, "int64", self.MPI.MIN))
         highest = int(self._allreduce(checksum, "int64", self.MPI.MAX))
@@ -521,7 +523,7 @@ class HostStagedAllreduce:
 
     def __call__(self, array):
         if self.host_buffer is None or self.host_buffer.shape != array.shape or self.host_buffer.dtype != array.dtype:
-            self.host_buffer = host.empty(array.shape, dtype=array.dtype)
+            self.host_buffer = numpy.empty(array.shape, dtype=array.dtype)
         self.download(array, self.host_buffer)
         self.comm.Allreduce(self.MPI.IN_PLACE, self.host_buffer, op=self.MPI.SUM)
         self.upload(self.host_buffer, array)

@@ -44,7 +44,9 @@ import dataclasses
 import json
 import sys
 
-from .backend import BackendUnavailable, get_backend, host, to_host
+import numpy
+
+from .backend import BackendUnavailable, get_backend, to_host
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, parameter_groups, warmup_cosine
 from .train_step import TrainStep
@@ -94,10 +96,10 @@ class Comparison:
 
 def relative_error(value, reference):
     """max |value - reference| / max |reference| (0 for two all-zero arrays), computed in float64 on the host."""
-    value = host.asarray(to_host(value), dtype=host.float64)
-    reference = host.asarray(to_host(reference), dtype=host.float64)
-    scale = float(host.abs(reference).max(initial=0.0))
-    difference = float(host.abs(value - reference).max(initial=0.0))
+    value = numpy.asarray(to_host(value), dtype=numpy.float64)
+    reference = numpy.asarray(to_host(reference), dtype=numpy.float64)
+    scale = float(numpy.abs(reference).max(initial=0.0))
+    difference = float(numpy.abs(value - reference).max(initial=0.0))
     if scale == 0.0:
         return difference
     return difference / scale
@@ -113,7 +115,7 @@ def train_steps(device, *, steps, dtype, model_config, batch_size, seed, threads
     optimizer.set_schedule([warmup_cosine(step, total_steps=steps, warmup_steps=warmup, peak_lr=lr)
                             for step in range(steps)])
     step = TrainStep(model, optimizer, SoftmaxCrossEntropy(label_smoothing=0.1), clip_grad_norm=1.0, threads=threads)
-    batches = host.random.default_rng(seed + 1)     # the same batches on every device: drawn on the host
+    batches = numpy.random.default_rng(seed + 1)     # the same batches on every device: drawn on the host
     shape = (batch_size, model_config.get("channels", 1), model_config["image_size"], model_config["image_size"])
     model.train()
     losses = []

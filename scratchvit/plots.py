@@ -16,8 +16,10 @@ matplotlib is an optional extra (`pip install "scratchvit[plot]"`); nothing else
 """
 from pathlib import Path
 
+import numpy
+
 from .attention_maps import attention_rollout, inspect
-from .backend import get_array_module, host, to_host
+from .backend import get_array_module, to_host
 
 MATPLOTLIB_HINT = 'the plots need matplotlib: pip install "scratchvit[plot]" (or pip install matplotlib)'
 
@@ -138,8 +140,8 @@ def curves_figure(history, steps=()):
         boundary_steps = ([0] if ends[0][0] == 1 else []) + [step for _, step in ends]
         if len(boundary_steps) > 1:
             top = loss_axes.secondary_xaxis(
-                "top", functions=(lambda step: host.interp(step, boundary_steps, boundary_epochs),
-                                  lambda epoch: host.interp(epoch, boundary_epochs, boundary_steps)))
+                "top", functions=(lambda step: numpy.interp(step, boundary_steps, boundary_epochs),
+                                  lambda epoch: numpy.interp(epoch, boundary_epochs, boundary_steps)))
             top.set_xlabel("epoch")
             top.xaxis.set_major_locator(MaxNLocator(integer=True))
             loss_axes.set_xlim(boundary_steps[0], boundary_steps[-1])
@@ -178,7 +180,7 @@ def _image_grid(plt, count, *, width, height, title_room, columns=8):
     columns = min(columns, count)
     rows = (count + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + title_room), squeeze=False)
-    cells = list(host.ravel(axes))
+    cells = list(numpy.ravel(axes))
     for axes_one in cells:
         axes_one.axis("off")
     return figure, cells[:count]
@@ -257,7 +259,7 @@ def confusion_figure(report):
     figure, axes = plt.subplots(figsize=(0.62 * classes + 2.2, 0.55 * classes + 1.6))
     # a log scale: with ~1000 images per class on the diagonal and a handful of mistakes elsewhere, a
     # linear one leaves every mistake the colour of an empty cell; empty cells stay white
-    shown = host.ma.masked_equal(confusion, 0)
+    shown = numpy.ma.masked_equal(confusion, 0)
     image = axes.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(int(confusion.max()), 2)))
     for true in range(classes):
         for predicted in range(classes):
@@ -273,7 +275,7 @@ def confusion_figure(report):
     # each row's accuracy on the right: which classes the model gets wrong most often
     right = axes.secondary_yaxis("right")
     right.set_yticks(range(classes))
-    right.set_yticklabels(["-" if host.isnan(value) else f"{value:.1%}" for value in report.per_class_accuracy],
+    right.set_yticklabels(["-" if numpy.isnan(value) else f"{value:.1%}" for value in report.per_class_accuracy],
                           fontsize=8)
     right.set_ylabel("accuracy of the class")
     colorbar = figure.colorbar(image, ax=axes, pad=0.11, fraction=0.04, label="images (log scale)")

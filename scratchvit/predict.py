@@ -28,8 +28,10 @@ import argparse
 import json
 import sys
 
+import numpy
+
 from .attention_maps import inspect
-from .backend import BackendUnavailable, backend_of, get_backend, host
+from .backend import BackendUnavailable, backend_of, get_backend
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import one_line
 from .pretrained import PRETRAINED_PATH, shipped_model_line
@@ -88,7 +90,7 @@ def probabilities(model, images):
 
 def top_classes(row, count):
     """[(class, probability)] of the `count` most probable classes of one (K,) row, most probable first."""
-    order = host.argsort(-row, kind="stable")[:count]                    # ties: the lower class first
+    order = numpy.argsort(-row, kind="stable")[:count]                    # ties: the lower class first
     return [(int(index), float(row[index])) for index in order]
 
 
@@ -114,7 +116,7 @@ def predict_files(model, paths, *, batch_size=PREDICT_BATCH_SIZE):
                 prepared[index] = load_mnist_style(path)
             except ImageError as error:
                 errors[index] = error
-        rows = probabilities(model, to_model_input(host.stack(list(prepared.values())))) if prepared else []
+        rows = probabilities(model, to_model_input(numpy.stack(list(prepared.values())))) if prepared else []
         row_of = dict(zip(prepared, rows))
         for index, path in enumerate(chunk):
             yield path, row_of.get(index), errors.get(index)

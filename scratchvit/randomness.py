@@ -5,7 +5,9 @@ exactly, even from a checkpoint written in the middle of an epoch.
 NumPy's generator states are saved as they are; CuPy's cannot be read, so on a GPU each generator is a
 backend.ReplayableGenerator, whose state is its seed and the draws made, which a resume replays.
 """
-from .backend import ReplayableGenerator, host, host_generator, random_generator
+import numpy
+
+from .backend import ReplayableGenerator, host_generator, random_generator
 from .distributed import SINGLE_PROCESS
 
 
@@ -26,14 +28,14 @@ def restart_seed(base, rank=0, restart_step=0):
     keeps a generator restarted mid-epoch from repeating the epoch's first draws."""
     if rank == 0 and restart_step == 0:
         return base
-    return int(host.random.SeedSequence([base, rank, restart_step]).generate_state(1, dtype=host.uint64)[0] % 2**63)
+    return int(numpy.random.SeedSequence([base, rank, restart_step]).generate_state(1, dtype=numpy.uint64)[0] % 2**63)
 
 
 def epoch_generator(xp, seed):
     """A device generator whose state a checkpoint can hold: NumPy's own (its bit generator's state is a
     JSON-ready dict); elsewhere (CuPy, whose generator state cannot be read or written) a
     backend.ReplayableGenerator, whose state is its seed and the draws made so far."""
-    return random_generator(xp, seed) if xp is host else ReplayableGenerator(xp, seed)
+    return random_generator(xp, seed) if xp is numpy else ReplayableGenerator(xp, seed)
 
 
 class EpochRandomness:
@@ -60,7 +62,7 @@ class EpochRandomness:
         """A generator's state as a JSON-ready dict (None for a dropout of p = 0, which has none)."""
         if isinstance(generator, ReplayableGenerator):
             return dict(replay=generator.state())
-        return generator.bit_generator.state if isinstance(generator, host.random.Generator) else None
+        return generator.bit_generator.state if isinstance(generator, numpy.random.Generator) else None
 
     def _loaded(self, generator, state):
         """The generator that continues from `state`: `generator` itself with NumPy's state loaded, or a
@@ -68,7 +70,7 @@ class EpochRandomness:
         None: a checkpoint written on a GPU before generator states were saved)."""
         if isinstance(state, dict) and "replay" in state:
             return ReplayableGenerator.replayed(self.xp, state["replay"])
-        if isinstance(state, dict) and isinstance(generator, host.random.Generator):
+        if isinstance(state, dict) and isinstance(generator, numpy.random.Generator):
             generator.bit_generator.state = state
             return generator
         return None

@@ -54,8 +54,10 @@ import math
 import time
 from pathlib import Path
 
+import numpy
+
 from .affine import random_affine
-from .backend import get_array_module, get_backend, host
+from .backend import get_array_module, get_backend
 from .checkpoint import (check_resume_position, check_same_model, check_same_validation_split, load_checkpoint,
                          resume_weight_average, save_checkpoint)
 # TrainConfig is the loop's input: imported here for users too (`from scratchvit.train import TrainConfig, run`)
@@ -204,7 +206,7 @@ def describe_ranks(config, data, optimizer, train_step, communicator, log):
     communicator.check_same("options", json.dumps(options, sort_keys=True).encode())
     communicator.check_same("training data", data["train_images"], data["train_labels"])
     communicator.check_same("starting weights and optimiser state", optimizer.data, optimizer.exp_avg,
-                            optimizer.exp_avg_sq, host.array([optimizer.step_count]))
+                            optimizer.exp_avg_sq, numpy.array([optimizer.step_count]))
     log(communicator.describe(train_step.threads))
 
 
@@ -270,7 +272,7 @@ def run(config, *, log=log_line, on_step=None, communicator=None):
         model.train()
         # a diverging run is caught by the NonFiniteLoss check; NumPy's overflow warnings on the way would only
         # add noise
-        with StopOnInterrupt() as interrupt, host.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with StopOnInterrupt() as interrupt, numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             for epoch in range(start_epoch, config.epochs):
                 # Ctrl-C or SIGTERM came during the last evaluation (on any rank): its checkpoint is written
                 if communicator.any_rank(interrupt.requested):

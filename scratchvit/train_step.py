@@ -30,7 +30,9 @@ import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from .backend import get_array_module, host
+import numpy
+
+from .backend import get_array_module
 from .cpu_threads import can_limit_blas_threads, limit_blas_threads_here, limit_blas_to_one_thread_here
 from .distributed import SINGLE_PROCESS
 
@@ -111,7 +113,7 @@ class TrainStep:
         bounds = [shard * index // chunks for index in range(chunks + 1)]
         for index in range(1, chunks):
             self._follow_main_model(index)
-        error_settings = host.geterr()     # NumPy's floating-point error settings are per thread: pass ours on
+        error_settings = numpy.geterr()     # NumPy's floating-point error settings are per thread: pass ours on
         futures = [self.pool.submit(self._chunk_forward_backward, self.replicas[index], images[start:end],
                                     labels[start:end], (end - start) / batch, error_settings)
                    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
@@ -124,7 +126,7 @@ class TrainStep:
     @staticmethod
     def _chunk_forward_backward(replica, images, labels, weight, error_settings):
         model, loss_fn = replica
-        with host.errstate(**error_settings):
+        with numpy.errstate(**error_settings):
             loss = loss_fn.forward(model.forward(images), labels)
             model.backward(loss_fn.backward(weight))        # weight = n_i / B: the chunk's share of the mean
         return loss * weight

@@ -35,7 +35,9 @@ it first; checkpoint_file.py checks a checkpoint's arrays against both before re
 """
 import numbers
 
-from .backend import get_array_module, get_backend, host, host_generator, to_host
+import numpy
+
+from .backend import get_array_module, get_backend, host_generator, to_host
 from .encoder_block import EncoderBlock
 from .layers import Dropout, LayerNorm, Layer, Linear, Parameter, Patchify
 from .layers.layer import check_same_device
@@ -115,7 +117,7 @@ def check_config(*, image_size, patch_size, num_classes, dim, depth, heads, mlp_
         raise ValueError(f"image_size {config['image_size']} must be divisible by patch_size {config['patch_size']}")
     if config["dim"] % config["heads"]:
         raise ValueError(f"dim {config['dim']} must be divisible by heads {config['heads']}")
-    dtype = host.dtype(dtype)
+    dtype = numpy.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating-point type such as float32 or float64, got {dtype}")
     count = parameter_count(**config)
@@ -138,7 +140,7 @@ class ViT(Layer):
         image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, channels = (
             self.config[name] for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads",
                                            "mlp_dim", "channels"))
-        dtype = host.dtype(dtype)
+        dtype = numpy.dtype(dtype)
         self.dtype = dtype
         num_patches = (image_size // patch_size) ** 2
         rng = host_generator(seed)   # every weight is drawn on the host, so CPU and GPU start identical

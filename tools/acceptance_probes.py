@@ -143,7 +143,6 @@ def compare_rows(reference, other, tolerance=PROBABILITY_TOLERANCE):
 def inference_main(checkpoint, data_dir, reference_device="cpu", device="gpu", count=INFERENCE_IMAGES):
     """Classify the first test digits with `predict` (the command, on PNG files) and with the demo's inference,
     on both devices; print one JSON line {"inference": {...}}; exit status 1 where they disagree."""
-    import tempfile
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         print(f"error: no checkpoint at {checkpoint}: the train stage wrote none")

@@ -28,9 +28,11 @@ Backward, the same steps in reverse, with g_i = dL/dy_i (sums over i run over th
 On the GPU, forward and the input gradient each run as one CuPy kernel (the twins in
 kernels/layernorm.py) with these same formulas; tests/test_kernels.py holds the two against each other.
 """
+import numpy
+
 from .layer import Layer, Parameter, check_same_device
 from .reductions import column_sum, row_mean
-from ..backend import get_array_module, host
+from ..backend import get_array_module
 
 
 class LayerNorm(Layer):
@@ -40,8 +42,9 @@ class LayerNorm(Layer):
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
         self.dim, self.eps = int(dim), float(eps)
-        self.weight = Parameter(host.ones(self.dim, dtype=dtype))    # gamma
-        self.bias = Parameter(host.zeros(self.dim, dtype=dtype))     # beta
+        # created on the host, as every parameter is; Layer.to moves them to the GPU
+        self.weight = Parameter(numpy.ones(self.dim, dtype=dtype))    # gamma
+        self.bias = Parameter(numpy.zeros(self.dim, dtype=dtype))     # beta
         self.xhat = None   # normalised input (..., D), used later in backward
         self.rstd = None   # 1/sqrt(var + eps) per row (..., 1), used later in backward
 
