@@ -140,6 +140,17 @@ def config_from_args(args):
     return TrainConfig.from_recipe(getattr(args, "recipe", None), **options)
 
 
+def in_option_names(message):
+    """A ConfigError's message as the command line says it: the TrainConfig fields it opens with
+    ("seed must be ...", "resume and overwrite ...") spelled as options ("--seed must be ...")."""
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    words = message.split(" ")
+    for index in (0, 2) if len(words) > 2 and words[1] == "and" else (0,):
+        if words[index] in fields:
+            words[index] = "--" + words[index].replace("_", "-")
+    return " ".join(words)
+
+
 def evaluate_only(args, config):
     """--eval-only: the report of --checkpoint, written beside it; without --checkpoint, of the model
     shipped in the package, written into --out-dir (the installed package may be read-only)."""
@@ -166,7 +177,9 @@ def main(argv=None):
                     evaluate_only(args, config)
             else:
                 run(config, communicator=communicator)
-    except (BackendUnavailable, ConfigError, DistributedError) as error:
+    except ConfigError as error:
+        return communicator.fail(f"error: {in_option_names(str(error))}", 2)
+    except (BackendUnavailable, DistributedError) as error:
         return communicator.fail(f"error: {error}", 2)
     except (DataError, CheckpointError, OutputError, NonFiniteLoss) as error:
         return communicator.fail(f"error: {error}", 1)

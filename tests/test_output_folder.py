@@ -157,7 +157,7 @@ def test_overwrite_says_first_what_it_replaces_then_replaces_all_of_it(data_dir,
 def test_resume_and_overwrite_exclude_each_other(data_dir, finished_run):
     before = snapshot(finished_run)
     result = cli(*cli_args(data_dir, finished_run), "--resume", "--overwrite")
-    assert_one_line_error(result, 2, "resume and overwrite exclude each other")
+    assert_one_line_error(result, 2, "--resume and --overwrite exclude each other")
     assert snapshot(finished_run) == before
 
 
