@@ -31,7 +31,7 @@ RECIPES = {
 SUMMARIES = {
     "cpu": "the defaults",
     "gpu": "batch 512 for a GPU",
-    "best": "the most accurate: patch 7, affine augmentation, 80 epochs (99.5%, 47 min on one core)",
+    "best": "the most accurate: patch 7, affine augmentation, 80 epochs (99.50% over three seeds, under an hour on one core)",
 }
 
 
