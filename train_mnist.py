@@ -142,12 +142,15 @@ def config_from_args(args):
 
 def in_option_names(message):
     """A ConfigError's message as the command line says it: the TrainConfig fields it opens with
-    ("seed must be ...", "resume and overwrite ...") spelled as options ("--seed must be ...")."""
+    ("seed must be ...", "resume and overwrite ...") or quotes with their values ("by heads 4") spelled
+    as options ("--seed must be ...", "by --heads 4")."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     words = message.split(" ")
-    for index in (0, 2) if len(words) > 2 and words[1] == "and" else (0,):
-        if words[index] in fields:
-            words[index] = "--" + words[index].replace("_", "-")
+    for index, word in enumerate(words):
+        named = index == 0 or (index == 2 and words[1] == "and")
+        quoted = index + 1 < len(words) and words[index + 1].lstrip("-").replace(".", "", 1).isdigit()
+        if word in fields and (named or quoted):
+            words[index] = "--" + word.replace("_", "-")
     return " ".join(words)
 
 

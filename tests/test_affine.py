@@ -192,7 +192,7 @@ def test_on_gpu_matches_numpy():
 @pytest.mark.parametrize("option, value, fragment", [("--rotation", "180", "rotation must be below 180"),
                                                      ("--scale", "1", "scale must be below 1"),
                                                      ("--translate", "-0.1", "translate must be non-negative"),
-                                                     ("--ema-decay", "1", "ema_decay must be in [0, 1)")])
+                                                     ("--ema-decay", "1", "--ema-decay must be in [0, 1)")])
 def test_train_mnist_refuses_an_augmentation_or_average_that_cannot_work_in_one_line(tmp_path, option, value, fragment):
     from test_train import assert_one_line_error, cli
     result = cli("--data-dir", tmp_path / "none", "--out-dir", tmp_path / "run", option, value)

@@ -133,7 +133,7 @@ def test_log_every_must_ride_on_the_loss_reads(every):
 def test_cli_log_every_that_is_not_a_multiple_is_exit_2(datasets, tmp_path):
     result = cli("--data-dir", datasets[50], "--out-dir", tmp_path, "--epochs", 1, "--log-every", 30,
                  *TINY_MODEL_ARGS)
-    assert_one_line_error(result, 2, "log_every", str(LOSS_READ_INTERVAL), "got 30")
+    assert_one_line_error(result, 2, "--log-every", str(LOSS_READ_INTERVAL), "got 30")
     assert not (tmp_path / "steps.jsonl").exists()
 
 

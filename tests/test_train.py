@@ -397,22 +397,22 @@ def model_args(**changes):
 
 def test_cli_patch_size_that_does_not_divide_the_image_is_exit_2(small_dataset, tmp_path):
     result = cli("--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 1, *model_args(patch_size=3))
-    assert_one_line_error(result, 2, "patch_size")
+    assert_one_line_error(result, 2, "must be divisible by --patch-size 3")
 
 
 def test_cli_dim_not_divisible_by_heads_is_exit_2(small_dataset, tmp_path):
     result = cli("--data-dir", small_dataset, "--out-dir", tmp_path, "--epochs", 1, *model_args(dim=10, heads=4))
-    assert_one_line_error(result, 2, "heads")
+    assert_one_line_error(result, 2, "--dim 10 must be divisible by --heads 4")
 
 
 BAD_OPTIONS = [
-    pytest.param(["--lr", "-1"], "lr", id="negative-lr"),
-    pytest.param(["--dropout", "1.5"], "dropout", id="dropout-above-1"),
-    pytest.param(["--train-limit", "0"], "train_limit", id="train-limit-0"),
-    pytest.param(["--batch-size", "0"], "batch", id="batch-size-0"),
-    pytest.param(["--batch-size", "-1"], "batch", id="negative-batch-size"),
-    pytest.param(["--epochs", "-1"], "epochs", id="negative-epochs"),
-    pytest.param(["--clip-grad-norm", "-1"], "clip", id="negative-clip"),
+    pytest.param(["--lr", "-1"], "error: --lr must", id="negative-lr"),
+    pytest.param(["--dropout", "1.5"], "error: --dropout must", id="dropout-above-1"),
+    pytest.param(["--train-limit", "0"], "error: --train-limit must", id="train-limit-0"),
+    pytest.param(["--batch-size", "0"], "error: --batch-size must", id="batch-size-0"),
+    pytest.param(["--batch-size", "-1"], "error: --batch-size must", id="negative-batch-size"),
+    pytest.param(["--epochs", "-1"], "error: --epochs must", id="negative-epochs"),
+    pytest.param(["--clip-grad-norm", "-1"], "error: --clip-grad-norm must", id="negative-clip"),
 ]
 
 
@@ -428,7 +428,7 @@ def test_cli_max_shift_that_leaves_nothing_of_the_image_is_exit_2(small_dataset,
     for shift in (IMAGE_SIZE, 30):
         result = cli("--data-dir", small_dataset, "--out-dir", tmp_path / str(shift), "--epochs", 1,
                      "--max-shift", shift, *TINY_MODEL_ARGS)
-        assert_one_line_error(result, 2, "max_shift", f"smaller than the image size {IMAGE_SIZE}", f"got {shift}")
+        assert_one_line_error(result, 2, "--max-shift", f"smaller than the image size {IMAGE_SIZE}", f"got {shift}")
         assert list((tmp_path / str(shift)).iterdir()) == []          # refused before any training
 
 
