@@ -29,7 +29,7 @@ import dataclasses
 import sys
 import traceback
 
-from scratchvit.backend import BackendUnavailable
+from scratchvit.cupy_check import BackendUnavailable
 from scratchvit.checkpoint import CheckpointError
 from scratchvit.config import LOSS_READ_INTERVAL, ConfigError, TrainConfig
 from scratchvit.data import DataError

@@ -21,7 +21,7 @@ import sys
 
 import numpy
 
-from .cupy_check import GPU_INSTALL_HINT, BackendUnavailable, cupy_or_error  # noqa: F401 (re-exported)
+from .cupy_check import cupy_or_error
 
 
 def get_array_module(*arrays):

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend
+from .backend import get_backend
 from .bench_report import format_table, summarize
 from .config import TrainConfig
 from .cpu_threads import keep_freed_host_memory
+from .cupy_check import BackendUnavailable
 from .distributed import SINGLE_PROCESS, DistributedError, world
 from .gpu_trace import gpu_work, torch_for_launch_counting
 from .layers import SoftmaxCrossEntropy

@@ -46,7 +46,8 @@ import sys
 
 import numpy
 
-from .backend import BackendUnavailable, get_backend, to_host
+from .backend import get_backend, to_host
+from .cupy_check import BackendUnavailable
 from .layers import SoftmaxCrossEntropy
 from .optim import AdamW, parameter_groups, warmup_cosine
 from .train_step import TrainStep

@@ -80,7 +80,8 @@ import sys
 
 import numpy
 
-from .backend import BackendUnavailable, get_array_module, get_backend, host_generator, to_host
+from .backend import get_array_module, get_backend, host_generator, to_host
+from .cupy_check import BackendUnavailable
 from .gradcheck_report import TABLE_HEADER, DirectionalReport, GradCheckReport, TensorCheck, format_table
 
 DEFAULT_EPS = 1e-6

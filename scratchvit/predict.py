@@ -31,8 +31,9 @@ import sys
 import numpy
 
 from .attention_maps import inspect
-from .backend import BackendUnavailable, backend_of, get_backend
+from .backend import backend_of, get_backend
 from .checkpoint import CheckpointError, load_checkpoint
+from .cupy_check import BackendUnavailable
 from .data import one_line
 from .pretrained import PRETRAINED_PATH, shipped_model_line
 from .preprocess import CANVAS_SIZE, PILLOW_HINT, ImageError, load_mnist_style, pillow_available, to_model_input

@@ -19,7 +19,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-from scratchvit.backend import BackendUnavailable, get_backend
+from scratchvit.backend import get_backend
+from scratchvit.cupy_check import BackendUnavailable
 
 REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if REPO_ROOT not in sys.path:

@@ -9,8 +9,9 @@ import numpy
 import pytest
 
 from scratchvit import cupy_check
-from scratchvit.backend import (GPU_INSTALL_HINT, Backend, BackendUnavailable, backend_of, get_array_module,
-                                get_backend, host_generator, is_gpu_array, random_generator, to_host)
+from scratchvit.backend import (Backend, backend_of, get_array_module, get_backend, host_generator, is_gpu_array,
+                                random_generator, to_host)
+from scratchvit.cupy_check import GPU_INSTALL_HINT, BackendUnavailable
 
 
 def test_cpu_backend_is_numpy():

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import on_gpu   # tests/ is on sys.path under pytest's default import mode
 from scratchvit import bench, bench_report, gpu_trace, machine
-from scratchvit.backend import BackendUnavailable, get_backend
+from scratchvit.backend import get_backend
+from scratchvit.cupy_check import BackendUnavailable
 from scratchvit.vit import ViT
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

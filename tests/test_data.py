@@ -13,7 +13,8 @@ import numpy
 import pytest
 
 from scratchvit import data
-from scratchvit.backend import BackendUnavailable, get_backend
+from scratchvit.backend import get_backend
+from scratchvit.cupy_check import BackendUnavailable
 from scratchvit.data import (BACKGROUND, MNIST_FILES, MNIST_MEAN, MNIST_STD, DataError, load_mnist, normalize,
                              random_shift, read_idx, shift_images, write_idx)
 

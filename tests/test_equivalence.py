@@ -59,7 +59,7 @@ def test_command_line_against_itself_on_the_cpu(capsys):
 
 
 def test_command_line_reports_a_missing_gpu_in_one_line(capsys, monkeypatch):
-    from scratchvit.backend import BackendUnavailable
+    from scratchvit.cupy_check import BackendUnavailable
 
     def unavailable(*args, **kwargs):
         raise BackendUnavailable("CuPy is not installed")

@@ -90,7 +90,7 @@ def test_module_imports_without_cupy():
         "sys.modules['cupy'] = None\n"          # `import cupy` now raises ImportError
         "import numpy\n"
         "from scratchvit import kernels\n"
-        "from scratchvit.backend import BackendUnavailable\n"
+        "from scratchvit.cupy_check import BackendUnavailable\n"
         f"for module, names in {PUBLIC!r}.items():\n"
         "    for name in names:\n"
         "        assert callable(getattr(getattr(kernels, module), name)), name\n"

@@ -9,7 +9,7 @@ a missing Pillow.
 import argparse
 import sys
 
-from ..backend import BackendUnavailable
+from ..cupy_check import BackendUnavailable
 
 
 def build_parser():
