@@ -126,6 +126,11 @@ def build_parser():
                              "--checkpoint, of the model shipped in the package, written into --out-dir")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only (default: the model shipped "
                                              "in the package, scratchvit/models/mnist_vit.npz)")
+    parser.add_argument("--shift-average", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                        help="with --eval-only: report the predictions averaged over each image and its eight "
+                             "one-pixel shifts, as predict answers (the default; the one-pass accuracy, which "
+                             "training prints after every epoch, is printed beside it); --no-shift-average: "
+                             "one forward pass alone")
     parser.add_argument("--plot", action="store_true",
                         help="write plots (matplotlib): after training curves.png (loss over steps, accuracy over "
                              "epochs), attention.png and attention_heads.png in OUT; with --eval-only "
@@ -157,15 +162,19 @@ def in_option_names(message):
 def evaluate_only(args, config):
     """--eval-only: the report of --checkpoint, written beside it; without --checkpoint, of the model
     shipped in the package, written into --out-dir (the installed package may be read-only)."""
+    shift_average = getattr(args, "shift_average", True)
     if args.checkpoint:
-        return report_checkpoint(args.checkpoint, config)
-    print(shipped_model_line(), flush=True)
-    return report_pretrained(config)
+        return report_checkpoint(args.checkpoint, config, shift_average=shift_average)
+    print(shipped_model_line(shift_average), flush=True)
+    return report_pretrained(config, shift_average=shift_average)
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "shift_average") and not args.eval_only:
+        parser.error("--shift-average and --no-shift-average go with --eval-only: training evaluates each "
+                     "epoch in one forward pass")
     config = config_from_args(args)
     try:
         communicator = world()          # this process alone, unless mpiexec started it with others

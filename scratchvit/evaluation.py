@@ -1,7 +1,8 @@
 """Evaluating a model: its accuracy in eval mode (`evaluate`, what training prints after every epoch), the
 weights to evaluate (the weight average when the run keeps one), and `--eval-only`: a saved model loaded
 for evaluation and its report written beside the checkpoint (`report_checkpoint`), or the shipped
-model's into the output folder (`report_pretrained`).
+model's into the output folder (`report_pretrained`): by default a report of the predictions averaged
+over each image's shifts (shift_average.py), as predict answers, with the one-pass accuracy beside it.
 """
 import concurrent.futures
 import contextlib
@@ -17,6 +18,9 @@ from .run_folder import EVALUATION_NAME, make_output_folder
 from .run_log import OutputError, log_line
 
 MODEL_OPTIONS = ("patch_size", "dim", "depth", "heads", "mlp_dim")     # TrainConfig's options that shape the weights
+# how the report's predictions were made, in its JSON
+SHIFT_AVERAGE_TEXT = "probabilities averaged over the image and its 8 one-pixel shifts (shift_average.py)"
+ONE_PASS_TEXT = "one forward pass"
 
 
 def evaluate(model, images, labels, batch_size=500, *, replicas=(), pool=None, communicator=None):
@@ -74,13 +78,17 @@ def load_for_evaluation(path, config):
     return meta, model, data
 
 
-def report_checkpoint(path, config, *, log=log_line, folder=None):
+def report_checkpoint(path, config, *, shift_average=True, log=log_line, folder=None):
     """The evaluation report of a saved model on the test set (report.EvaluationReport), what
     `train_mnist.py --eval-only` does: logs the test accuracy, then per-class accuracy and the
     confusion matrix as a table, and writes them to evaluation.json in `folder`, by default the
     checkpoint's folder (with config.plot, also confusion.png and misclassified.png there). Fixed
     names, like the other files of a run folder; the JSON names the checkpoint and its epoch. The
-    shipped model is evaluated into another folder: the installed package may be read-only."""
+    shipped model is evaluated into another folder: the installed package may be read-only.
+
+    The report is of the predictions averaged over each image's shifts (shift_average.py), as predict
+    answers, with the accuracy of one forward pass (the number training printed) logged and recorded
+    beside it; shift_average=False: of one forward pass alone."""
     check_plot_dependency(config)
     if folder is None:
         folder = Path(path).parent
@@ -88,12 +96,20 @@ def report_checkpoint(path, config, *, log=log_line, folder=None):
         folder = Path(folder)
         make_output_folder(folder)                   # before loading: a bad folder costs no evaluation
     meta, model, data = load_for_evaluation(path, config)
-    report = evaluation_report(model, data["test_images"], data["test_labels"], config.eval_batch_size)
-    log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
+    images, labels = data["test_images"], data["test_labels"]
+    report = evaluation_report(model, images, labels, config.eval_batch_size, shift_average=shift_average)
+    if shift_average:
+        one_pass = evaluate(model, images, labels, config.eval_batch_size)
+        log(f"test accuracy {report.accuracy:.2%} averaged over the image and its 8 one-pixel shifts; "
+            f"{one_pass:.2%} in one forward pass, as training measures it ({path}, epoch {meta['epoch']})")
+        how = dict(prediction=SHIFT_AVERAGE_TEXT, one_pass_accuracy=one_pass)
+    else:
+        log(f"test accuracy {report.accuracy:.2%} ({path}, epoch {meta['epoch']})")
+        how = dict(prediction=ONE_PASS_TEXT)
     log(report.table())
     json_path = folder / EVALUATION_NAME
     try:
-        write_report_json(json_path, report, checkpoint=str(path), epoch=meta["epoch"], split="test")
+        write_report_json(json_path, report, checkpoint=str(path), epoch=meta["epoch"], split="test", **how)
         log(f"wrote {json_path}")
         if config.plot:
             from .plots import write_evaluation_plots
@@ -105,10 +121,10 @@ def report_checkpoint(path, config, *, log=log_line, folder=None):
     return report
 
 
-def report_pretrained(config, *, log=log_line):
+def report_pretrained(config, *, shift_average=True, log=log_line):
     """report_checkpoint of the model shipped in the package (pretrained.py), with that model's own
     model options whatever `config` says, written into config.out_dir: never beside the shipped file,
     since the installed package may be read-only."""
     model_config = load_checkpoint(PRETRAINED_PATH)[0]["model_config"]
     config = dataclasses.replace(config, **{name: model_config[name] for name in MODEL_OPTIONS})
-    return report_checkpoint(PRETRAINED_PATH, config, log=log, folder=config.out_dir)
+    return report_checkpoint(PRETRAINED_PATH, config, shift_average=shift_average, log=log, folder=config.out_dir)

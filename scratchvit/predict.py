@@ -8,8 +8,9 @@ in its first line, on stderr, so that stdout (and --json) holds the predictions 
 
 Each image is made into an MNIST image first (scratchvit/preprocess.py: grey, inverted when the
 background is light, cropped to the ink, fitted into 20x20, centred by mass in 28x28, normalised as in
-training), then the model gives the probabilities of the classes: the softmax of its logits, from the
-same forward pass the demo page uses (`attention_maps.inspect`, dropout off).
+training), then the model gives the probabilities of the classes: by default their average over the
+image and its eight one-pixel shifts (scratchvit/shift_average.py: nine forward passes, dropout off);
+with --no-shift-average the softmax of the logits of one forward pass, as training evaluates.
 
 `--json` prints one JSON object per image instead:
     {"path": "digit.png", "top": [{"class": 7, "probability": 0.981}, ...], "probabilities": [p0, ..., p9]}
@@ -22,7 +23,7 @@ still predicted when another fails, and the exit status is then 1.
 From Python, the same in three calls (the demo page uses them):
     model, meta = load_trained_model("runs/mnist/checkpoint.npz")       # or model = load_pretrained()
     images = to_model_input([mnist_style(load_grayscale("digit.png"))])     # (1, 1, 28, 28)
-    probabilities(model, images)                                             # (1, 10) host array
+    probabilities(model, images)                      # (1, 10) host array; shift_average=False: one pass
 """
 import argparse
 import json
@@ -30,13 +31,13 @@ import sys
 
 import numpy
 
-from .attention_maps import inspect
-from .backend import backend_of, get_backend
+from .backend import backend_of, get_backend, to_host
 from .checkpoint import CheckpointError, load_checkpoint
 from .cupy_check import BackendUnavailable
 from .data import one_line
 from .pretrained import PRETRAINED_PATH, shipped_model_line
 from .preprocess import CANVAS_SIZE, PILLOW_HINT, ImageError, load_mnist_style, pillow_available, to_model_input
+from .shift_average import NO_SHIFT, ONE_PIXEL_SHIFTS, shift_averaged_probabilities
 from .vit import ViT
 
 PREDICT_BATCH_SIZE = 256      # images per forward pass: a few MB of activations for the default ViT
@@ -82,11 +83,13 @@ def model_backend(model):
     return backend_of(model.head.weight.data)
 
 
-def probabilities(model, images):
+def probabilities(model, images, *, shift_average=True):
     """(B, K) host array of class probabilities (each row sums to 1) for (B, 1, 28, 28) `images` as
-    `to_model_input` gives them: the softmax of the logits of one forward pass in eval mode."""
+    `to_model_input` gives them, in eval mode: averaged over each image and its eight one-pixel shifts
+    (shift_average.py), or with shift_average=False the softmax of the logits of one forward pass."""
     images = model_backend(model).asarray(images)        # onto the model's device
-    return inspect(model, images)["probabilities"]
+    shifts = ONE_PIXEL_SHIFTS if shift_average else NO_SHIFT
+    return to_host(shift_averaged_probabilities(model, images, shifts, batch_size=PREDICT_BATCH_SIZE))
 
 
 def top_classes(row, count):
@@ -106,9 +109,10 @@ def format_json(path, row, count):
                            probabilities=[float(probability) for probability in row]))
 
 
-def predict_files(model, paths, *, batch_size=PREDICT_BATCH_SIZE):
+def predict_files(model, paths, *, batch_size=PREDICT_BATCH_SIZE, shift_average=True):
     """Yield (path, (K,) probabilities or None, ImageError or None) for each path, in order; a file that
-    cannot be read or is blank gives its error and the others are still predicted."""
+    cannot be read or is blank gives its error and the others are still predicted. `shift_average`:
+    as in `probabilities`."""
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         prepared, errors = {}, {}
@@ -117,7 +121,8 @@ def predict_files(model, paths, *, batch_size=PREDICT_BATCH_SIZE):
                 prepared[index] = load_mnist_style(path)
             except ImageError as error:
                 errors[index] = error
-        rows = probabilities(model, to_model_input(numpy.stack(list(prepared.values())))) if prepared else []
+        rows = (probabilities(model, to_model_input(numpy.stack(list(prepared.values()))), shift_average=shift_average)
+                if prepared else [])
         row_of = dict(zip(prepared, rows))
         for index, path in enumerate(chunk):
             yield path, row_of.get(index), errors.get(index)
@@ -138,6 +143,10 @@ def build_parser():
                         help="how many of the most probable classes to show (default: 3; at most all of them)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per image: path, top classes, every class's probability")
+    parser.add_argument("--shift-average", action=argparse.BooleanOptionalAction, default=True,
+                        help="on by default: average each image's class probabilities over the image and its "
+                             "eight one-pixel shifts (9 forward passes); --no-shift-average: one forward pass, "
+                             "as training evaluates")
     return parser
 
 
@@ -159,7 +168,7 @@ def main(argv=None):
 def predict_and_print(args):
     """Print each image's line (or JSON object) as it comes; the exit status of main."""
     if args.checkpoint is None:
-        print(shipped_model_line(), file=sys.stderr, flush=True)
+        print(shipped_model_line(args.shift_average), file=sys.stderr, flush=True)
     try:
         model, _ = load_trained_model(args.checkpoint or PRETRAINED_PATH, args.device)
     except BackendUnavailable as error:
@@ -170,7 +179,7 @@ def predict_and_print(args):
         return 1
     formatter = format_json if args.json else format_line
     status = 0
-    for path, row, error in predict_files(model, args.images):
+    for path, row, error in predict_files(model, args.images, shift_average=args.shift_average):
         if error is not None:
             print(f"error: {error}", file=sys.stderr)
             status = 1

@@ -6,8 +6,10 @@
                                         in float32 and a meta marking them so, read through the same
                                         checks as any checkpoint
     scratchvit/models/mnist_vit.json    its provenance: the command that trained it, seed, commit,
-                                        machine, wall time, test accuracy (overall and per class), and ten
-                                        sample digits with the class and probability it gives each
+                                        machine, wall time, test accuracy (overall and per class, as the
+                                        commands predict by default: shift_average.py; and in one forward
+                                        pass), and ten sample digits with the class and probability it
+                                        gives each
 
 Both are written by tools/ship_model.py from a finished training checkpoint, the same bytes each time.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 MODELS_FOLDER = Path(__file__).resolve().parent / "models"
 PRETRAINED_PATH = MODELS_FOLDER / "mnist_vit.npz"
 PROVENANCE_PATH = MODELS_FOLDER / "mnist_vit.json"
-PROVENANCE_FORMAT = "scratchvit-provenance-1"
+PROVENANCE_FORMAT = "scratchvit-provenance-2"     # 2: test_accuracy is the shift average's
 
 
 def pretrained_provenance():
@@ -30,9 +32,11 @@ def pretrained_provenance():
     return provenance if isinstance(provenance, dict) else {}
 
 
-def shipped_model_line():
-    """One line naming the shipped model and its test accuracy, for the first line of a command that
-    uses it because no --checkpoint was given."""
-    accuracy = pretrained_provenance().get("test_accuracy")
-    measured = f", test accuracy {accuracy:.2%}" if isinstance(accuracy, float) else ""
+def shipped_model_line(shift_average=True):
+    """One line naming the shipped model and its test accuracy as the command will predict (averaged over
+    shifts, or one pass), for the first line of a command that uses it because no --checkpoint was given."""
+    record = pretrained_provenance()
+    accuracy = record.get("test_accuracy" if shift_average else "one_pass_test_accuracy")
+    how = "averaged over the image and its 8 one-pixel shifts" if shift_average else "one forward pass"
+    measured = f", test accuracy {accuracy:.2%} ({how})" if isinstance(accuracy, float) else ""
     return f"using the shipped model {PRETRAINED_PATH}{measured}, as no --checkpoint was given"

@@ -15,7 +15,9 @@ but it also stacks every layer's attention and multiplies out the rollout for ea
 both to the host: over a whole test set that is work and transfers for maps nobody looks at.
 
 Predictions are the argmax of the logits, exactly as `evaluation.evaluate` counts them (same batches,
-same eval mode), so the report's accuracy is the number training printed for the same model.
+same eval mode), so the report's accuracy is the number training printed for the same model. With
+shift_average=True they are instead the argmax of the probabilities averaged over each image and its
+eight one-pixel shifts (shift_average.py): what predict and the demo answer by default.
 """
 import dataclasses
 import json
@@ -25,6 +27,7 @@ import numpy
 from .backend import to_host
 from .data import atomic_write_bytes
 from .layers.softmax import softmax
+from .shift_average import ONE_PIXEL_SHIFTS, shift_averaged_probabilities
 
 REPORT_FORMAT = "scratchvit-evaluation-1"
 MISTAKES_IN_JSON = 20          # the most confident mistakes listed in the JSON file
@@ -103,9 +106,11 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
-def evaluation_report(model, images, labels, batch_size=500):
+def evaluation_report(model, images, labels, batch_size=500, *, shift_average=False):
     """The EvaluationReport of `model` on `images` (B, C, H, W) and integer `labels` (B,), on the
     model's device, in eval mode and `batch_size` images per forward pass; restores the model's mode.
+    shift_average=True: the probabilities averaged over each image's nine shifts (shift_average.py,
+    about `batch_size` copies per pass) and their argmax.
 
     ValueError naming the argument for labels that are not one class number per image (a label array
     of another length would otherwise broadcast into a confusion matrix of the wrong images)."""
@@ -118,14 +123,18 @@ def evaluation_report(model, images, labels, batch_size=500):
         raise ValueError("images must hold at least one image, got 0")
     if not isinstance(batch_size, (int, numpy.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    predictions, probabilities = [], []
-    with model.evaluating():
-        for start in range(0, images.shape[0], batch_size):
-            logits = model.forward(images[start:start + batch_size])
-            predictions.append(to_host(logits.argmax(axis=1)))
-            probabilities.append(to_host(softmax(logits)))
-    predictions = numpy.concatenate(predictions).astype(numpy.int64)
-    probabilities = numpy.concatenate(probabilities)
+    if shift_average:
+        probabilities = to_host(shift_averaged_probabilities(model, images, ONE_PIXEL_SHIFTS, int(batch_size)))
+        predictions = probabilities.argmax(axis=1).astype(numpy.int64)
+    else:
+        predictions, probabilities = [], []
+        with model.evaluating():
+            for start in range(0, images.shape[0], batch_size):
+                logits = model.forward(images[start:start + batch_size])
+                predictions.append(to_host(logits.argmax(axis=1)))
+                probabilities.append(to_host(softmax(logits)))
+        predictions = numpy.concatenate(predictions).astype(numpy.int64)
+        probabilities = numpy.concatenate(probabilities)
     labels = labels.astype(numpy.int64)
     classes = probabilities.shape[1]
     if labels.min() < 0 or labels.max() >= classes:

@@ -43,7 +43,7 @@ import scratchvit.demo.api as demo_api
 from scratchvit.demo import MAX_BODY_BYTES, Demo, RequestError, make_server
 from scratchvit.demo.api import MAX_SIDE, MIN_SIDE, parse_pixels
 from scratchvit.demo.server import MAX_DISCARD_BYTES, REQUEST_QUEUE_SIZE, STATIC_FILES, allowed_hosts, printable
-from scratchvit.predict import load_trained_model
+from scratchvit.predict import load_trained_model, probabilities
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(patch_size=7, dim=16, depth=2, heads=2, mlp_dim=32)
@@ -181,15 +181,32 @@ def test_a_drawing_gets_probabilities_a_class_the_input_and_the_maps(server):
 
 
 def test_the_answer_is_the_model_on_the_preprocessed_drawing(server, model):
-    """The server adds nothing of its own: its numbers are attention_maps.inspect on the preprocessing's output."""
+    """The server adds nothing of its own: its maps are attention_maps.inspect on the preprocessing's
+    output, its probabilities predict's (averaged over the drawing's shifts) on the same."""
     pixels = drawing(SEVEN)
-    expected = inspect(model, preprocess.to_model_input(preprocess.mnist_style(pixels)[None]))
+    model_input = preprocess.to_model_input(preprocess.mnist_style(pixels)[None])
+    expected = inspect(model, model_input)
+    averaged = probabilities(model, model_input)
     for layer in range(TINY_MODEL["depth"]):
         _, _, answer = predict(server, pixels, layer=layer)
-        numpy.testing.assert_allclose(answer["probabilities"], expected["probabilities"][0], rtol=0, atol=1e-6)
+        numpy.testing.assert_allclose(answer["probabilities"], averaged[0], rtol=0, atol=1e-6)
         numpy.testing.assert_allclose(answer["rollout"], expected["rollout"][0], rtol=0, atol=1e-6)
         numpy.testing.assert_allclose(answer["heads"], expected["heads"][0, layer], rtol=0, atol=1e-6)
         numpy.testing.assert_array_equal(answer["input"], numpy.rint(preprocess.mnist_style(pixels)))
+
+
+def test_without_the_shift_average_the_probabilities_are_the_drawings_alone(model):
+    pixels = drawing(SEVEN)
+    model_input = preprocess.to_model_input(preprocess.mnist_style(pixels)[None])
+    expected = inspect(model, model_input)
+    assert numpy.abs(probabilities(model, model_input) - expected["probabilities"]).max() > 1e-4
+    one_pass = Demo(model, shift_average=False)
+    try:
+        answer = one_pass.predict(pixels)
+    finally:
+        one_pass.close()
+    numpy.testing.assert_allclose(answer["probabilities"], expected["probabilities"][0], rtol=0, atol=1e-6)
+    numpy.testing.assert_allclose(answer["rollout"], expected["rollout"][0], rtol=0, atol=1e-6)
 
 
 def test_the_layer_defaults_to_the_last(server):
@@ -471,8 +488,9 @@ def start_cli(checkpoint, cwd, *options):
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_the_command_serves_on_loopback_writes_nothing_and_stops_on_ctrl_c(checkpoint, tmp_path):
-    process = start_cli(checkpoint, tmp_path, "--port", "0", "--quiet")
+@pytest.mark.parametrize("shift_average", [True, False])
+def test_the_command_serves_on_loopback_writes_nothing_and_stops_on_ctrl_c(checkpoint, model, tmp_path, shift_average):
+    process = start_cli(checkpoint, tmp_path, "--port", "0", "--quiet", *([] if shift_average else ["--no-shift-average"]))
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, (line, process.stderr.read() if process.poll() is not None else "")
@@ -482,7 +500,9 @@ def test_the_command_serves_on_loopback_writes_nothing_and_stops_on_ctrl_c(check
         connection.request("POST", "/api/predict", json.dumps({"pixels": drawing(SEVEN).tolist()}), JSON)
         answer = json.loads(connection.getresponse().read())
         connection.close()
-        assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+        model_input = preprocess.to_model_input(preprocess.mnist_style(drawing(SEVEN))[None])
+        expected = probabilities(model, model_input, shift_average=shift_average)[0]
+        numpy.testing.assert_allclose(answer["probabilities"], expected, rtol=0, atol=1e-6)
         # a client that holds a connection open without sending: Ctrl-C must not wait for it
         with socket.create_connection(("127.0.0.1", port), timeout=30):
             time.sleep(0.2)

@@ -2,10 +2,10 @@
 augmentation, and the overlap of their errors (the figures behind the README's search for 99.6%).
 
 Each test is meant to fail for a realistic fault: evaluating other images than the run held out (the
-first N instead of the last), the trained weights where the run evaluated their average, shifts that
-are not averaged (or averaged over the wrong images, or lost at a batch boundary), "every" and "any"
-swapped, a run without a validation split measured as if it had one, and runs compared on different
-images.
+first N instead of the last), the trained weights where the run evaluated their average, errors
+counted under other shifts than their column's, "every" and "any" swapped, a run without a validation
+split measured as if it had one, and runs compared on different images. The shift average itself is
+tested in test_shift_average.py.
 
 Two tiny runs train here on a small data set the test writes (faint noise with a bright block; the
 labels follow the block's place, so the models learn something and their accuracies differ).
@@ -18,12 +18,13 @@ import pytest
 
 from scratchvit.backend import get_backend
 from scratchvit.config import TrainConfig, load_data
-from scratchvit.data import MNIST_FILES, shift_images, write_idx
-from scratchvit.predict import load_trained_model, probabilities
+from scratchvit.data import MNIST_FILES, write_idx
+from scratchvit.predict import load_trained_model
 from scratchvit.pretrained import PRETRAINED_PATH
+from scratchvit.shift_average import shift_averaged_probabilities
 from scratchvit.train import run
 from tools import held_out_errors
-from tools.held_out_errors import CROSS, SHIFT_SETS, averaged_probabilities, held_out_errors as measure
+from tools.held_out_errors import SHIFT_SETS, held_out_errors as measure
 
 VALIDATION = 40
 
@@ -89,30 +90,19 @@ def test_plain_accuracy_is_what_the_run_itself_measured_on_the_same_images(runs,
     assert len(set(figures)) == len(figures)
 
 
-def test_augmented_probabilities_are_the_mean_over_the_image_and_its_shifts(runs, data_dir):
-    model, _ = load_trained_model(runs[0])
-    images = load_data(TrainConfig(data_dir=str(data_dir), validation=VALIDATION), get_backend("cpu"))["test_images"]
-    by_hand = numpy.mean([probabilities(model, shift_images(images, numpy.tile(shift, (len(images), 1))))
-                          for shift in CROSS], axis=0)
-    numpy.testing.assert_allclose(averaged_probabilities(model, images, CROSS), by_hand, rtol=1e-6, atol=1e-7)
-    # a batch boundary inside the images (60 = 2 x 25 + 10) changes nothing
-    numpy.testing.assert_allclose(averaged_probabilities(model, images, CROSS, batch_size=25), by_hand,
-                                  rtol=1e-6, atol=1e-7)
-    numpy.testing.assert_allclose(averaged_probabilities(model, images, SHIFT_SETS["plain"]),
-                                  probabilities(model, images), rtol=1e-6, atol=1e-7)
-    # a shift is a real move: the shifted copies give other probabilities than the image alone
-    assert not numpy.allclose(by_hand, probabilities(model, images), atol=1e-4)
-
-
 def test_errors_are_the_images_whose_most_probable_class_is_wrong(runs, data_dir, result):
     data = load_data(TrainConfig(data_dir=str(data_dir), validation=VALIDATION), get_backend("cpu"))
     for path, measured in zip(runs, result["runs"]):
         model, _ = load_trained_model(path)
         for name, shifts in SHIFT_SETS.items():
-            predicted = averaged_probabilities(model, data["validation_images"], shifts).argmax(axis=1)
+            predicted = shift_averaged_probabilities(model, data["validation_images"], shifts).argmax(axis=1)
             expected = numpy.flatnonzero(predicted != data["validation_labels"]).tolist()
             assert measured["errors"]["validation"][name] == expected
             assert measured["accuracy"]["validation"][name] == 1 - len(expected) / VALIDATION
+    # each column's shifts make a difference somewhere, so a column counted under another's shifts shows
+    columns = [[run["errors"][split][name] for run in result["runs"] for split in ("validation", "test")]
+               for name in SHIFT_SETS]
+    assert all(first != second for index, first in enumerate(columns) for second in columns[index + 1:])
 
 
 def test_the_overlap_counts_the_errors_every_run_makes_and_those_any_run_makes(result):

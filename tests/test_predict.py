@@ -24,7 +24,7 @@ import pytest
 from conftest import GPU_SKIP_REASON, on_gpu
 from scratchvit import ViT
 from scratchvit.backend import to_host
-from scratchvit.data import MNIST_FILES, normalize, write_idx
+from scratchvit.data import MNIST_FILES, normalize, shift_images, write_idx
 from scratchvit.optim import AdamW
 from scratchvit.predict import load_trained_model, main, probabilities
 from scratchvit.preprocess import load_mnist_style, to_model_input
@@ -106,7 +106,7 @@ def test_load_trained_model_gives_the_checkpoints_evaluated_model_in_eval_mode(t
 def test_probabilities_are_the_softmax_of_the_logits(model, trained):
     images = normalize(trained[1][:10], "cpu")
     model.train()                                        # probabilities always use eval mode, and restore it
-    result = probabilities(model, images)
+    result = probabilities(model, images, shift_average=False)
     assert model.training
     model.eval()
     assert isinstance(result, numpy.ndarray) and result.shape == (10, 10)
@@ -114,6 +114,18 @@ def test_probabilities_are_the_softmax_of_the_logits(model, trained):
     numpy.testing.assert_allclose(result, softmax_rows(logits), rtol=1e-5, atol=1e-7)
     numpy.testing.assert_allclose(result.sum(axis=1), 1.0, rtol=1e-6)
     numpy.testing.assert_array_equal(result.argmax(axis=1), trained[2][:10])
+
+
+def test_probabilities_by_default_are_their_average_over_the_image_and_its_eight_shifts(model, trained):
+    images = normalize(trained[1][:10], "cpu")
+    model.train()
+    result = probabilities(model, images)
+    assert model.training
+    model.eval()
+    by_hand = numpy.mean([probabilities(model, shift_images(images, numpy.tile((dy, dx), (10, 1))), shift_average=False)
+                          for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    numpy.testing.assert_allclose(result, by_hand, rtol=1e-5, atol=1e-7)
+    assert numpy.abs(result - probabilities(model, images, shift_average=False)).max() > 1e-3
 
 
 def test_a_png_of_an_mnist_format_image_gives_the_models_logits_on_that_array(model, trained, tmp_path):
@@ -253,6 +265,18 @@ def test_cli_prints_the_top_three_classes_of_each_image(trained, pages):
         assert [entry[0] for entry in top] == list(numpy.argsort(-row, kind="stable")[:3])
         assert top[0][0] == label
         numpy.testing.assert_allclose([entry[1] for entry in top], numpy.sort(row)[::-1][:3], atol=0.0005 + 1e-9)
+
+
+def test_cli_no_shift_average_gives_the_probabilities_of_one_pass(trained, pages, model):
+    paths = pages[0]
+    one_pass = probabilities(model, to_model_input(numpy.stack([load_mnist_style(path) for path in paths])),
+                             shift_average=False)
+    assert numpy.abs(one_pass - pages[2]).max() > 1e-3            # the two ways differ on these pages
+    for options, expected in ((["--no-shift-average"], one_pass), (["--shift-average"], pages[2])):
+        result = cli("--checkpoint", trained[0], "--json", *options, *paths)
+        assert result.returncode == 0, result.stderr
+        answers = [json.loads(line)["probabilities"] for line in result.stdout.splitlines()]
+        numpy.testing.assert_allclose(answers, expected, rtol=1e-6)
 
 
 def test_cli_top_k(trained, pages):

@@ -32,7 +32,10 @@ from scratchvit.checkpoint import CheckpointError, inference_checkpoint_bytes, l
 from scratchvit.checkpoint_file import read_checkpoint
 from scratchvit.config import TrainConfig
 from scratchvit.data import MNIST_FILES, load_mnist, normalize, write_idx
-from scratchvit.pretrained import PRETRAINED_PATH, PROVENANCE_PATH, pretrained_provenance
+from scratchvit.evaluation import SHIFT_AVERAGE_TEXT
+from scratchvit.predict import load_trained_model, probabilities
+from scratchvit.preprocess import mnist_style, to_model_input
+from scratchvit.pretrained import PRETRAINED_PATH, PROVENANCE_FORMAT, PROVENANCE_PATH, pretrained_provenance
 from scratchvit.report import evaluation_report
 from scratchvit.train import run
 from scratchvit.vit import parameter_count, parameter_shapes
@@ -120,6 +123,8 @@ def test_the_provenance_records_what_the_readme_shows(provenance):
     for name in ("command", "commit", "machine"):
         assert isinstance(provenance[name], str) and provenance[name], name
     assert provenance["wall_seconds"] > 0 and 0 <= provenance["test_accuracy"] <= 1
+    assert provenance["format"] == PROVENANCE_FORMAT and provenance["prediction"] == SHIFT_AVERAGE_TEXT
+    assert 0 <= provenance["one_pass_test_accuracy"] <= 1
     assert len(provenance["per_class_test_accuracy"]) == provenance["model_config"]["num_classes"]
     if provenance["validation_images"] == 0:
         assert provenance["validation_accuracy"] is None
@@ -141,7 +146,6 @@ def test_load_pretrained_gives_the_shipped_weights_in_eval_mode():
 @on_gpu
 def test_load_pretrained_on_the_gpu_gives_the_cpu_probabilities(provenance):
     """The shipped weights on the device: the samples' probabilities as NumPy computes them on the host."""
-    from scratchvit.predict import probabilities
     inputs = normalize(sample_images(provenance), "cpu")
     on_cpu = probabilities(scratchvit.load_pretrained("cpu"), inputs)
     on_device = probabilities(scratchvit.load_pretrained("gpu"), inputs)
@@ -168,6 +172,7 @@ def test_predict_without_checkpoint_gives_the_recorded_classes_and_probabilities
     assert result.returncode == 0, result.stderr
     first_line = result.stderr.splitlines()[0]
     assert "shipped model" in first_line and str(PRETRAINED_PATH) in first_line, result.stderr
+    assert f"test accuracy {provenance['test_accuracy']:.2%} (averaged over" in first_line
     answers = [json.loads(line) for line in result.stdout.splitlines()]      # stdout is the JSON alone
     assert len(answers) == len(provenance["samples"])
     for answer, path, sample in zip(answers, sample_pngs, provenance["samples"]):
@@ -175,6 +180,20 @@ def test_predict_without_checkpoint_gives_the_recorded_classes_and_probabilities
         assert answer["top"][0]["class"] == sample["predicted_class"]
         assert abs(answer["top"][0]["probability"] - sample["probability"]) <= 1e-4
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_pillow
+def test_predict_without_checkpoint_in_one_pass_names_the_one_pass_accuracy(provenance, sample_pngs, tmp_path):
+    result = run_module(["-m", "scratchvit.predict", "--json", "--no-shift-average", *sample_pngs], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first_line = result.stderr.splitlines()[0]
+    assert f"test accuracy {provenance['one_pass_test_accuracy']:.2%} (one forward pass)" in first_line, first_line
+    expected = probabilities(scratchvit.load_pretrained(), to_model_input(numpy.stack(
+        [mnist_style(image) for image in sample_images(provenance)])), shift_average=False)
+    answers = [json.loads(line)["probabilities"] for line in result.stdout.splitlines()]
+    numpy.testing.assert_allclose(answers, expected, atol=1e-6)
+    recorded = [sample["probability"] for sample in provenance["samples"]]      # the shift average's
+    assert numpy.abs(expected.max(axis=1) - recorded).max() > 1e-3
 
 
 @needs_pillow
@@ -191,13 +210,14 @@ def test_the_demo_on_the_shipped_model_gives_the_recorded_classes(provenance):
 
 
 @needs_pillow
-def test_the_demo_command_without_checkpoint_names_the_shipped_model_first(tmp_path):
+def test_the_demo_command_without_checkpoint_names_the_shipped_model_first(provenance, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "scratchvit.demo", "--port", "0", "--quiet"], cwd=tmp_path,
                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first_line = process.stdout.readline()
         assert first_line.startswith("scratchvit demo: http://127.0.0.1:"), (first_line, process.stderr.read())
         assert "shipped model" in first_line and str(PRETRAINED_PATH) in first_line
+        assert f"test accuracy {provenance['test_accuracy']:.2%} (averaged over" in first_line
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     finally:
@@ -218,8 +238,9 @@ def test_eval_only_without_checkpoint_reports_the_shipped_model_into_out_dir(sam
     assert report["checkpoint"] == str(PRETRAINED_PATH) and report["images"] == 10
     images = load_mnist(str(sample_dataset), download=False)
     expected = evaluation_report(scratchvit.load_pretrained(), normalize(images["test_images"], "cpu"),
-                                 images["test_labels"])
+                                 images["test_labels"], shift_average=True)
     assert report["confusion_matrix"]["counts"] == expected.confusion.tolist()
+    assert report["prediction"] == SHIFT_AVERAGE_TEXT
     assert sorted(PRETRAINED_PATH.parent.iterdir()) == models_before
 
 
@@ -251,16 +272,19 @@ def mnist_test_folder():
                                                         "$SCRATCHVIT_MNIST_DIR: the recorded accuracy needs its "
                                                         "test set")
 def test_the_recorded_test_accuracy_is_reproduced_on_mnist(provenance):
-    """The same file on the same 10,000 images. Float32 sums ordered otherwise by another BLAS can move
-    an image that sits on a class boundary, so a difference of up to two images is accepted, not more."""
+    """The same file on the same 10,000 images, averaged over the shifts as the commands predict, and in
+    one pass. Float32 sums ordered otherwise by another BLAS can move an image that sits on a class
+    boundary, so a difference of up to two images is accepted, not more."""
     arrays = load_mnist(str(mnist_test_folder()), download=False)
-    report = evaluation_report(scratchvit.load_pretrained(), normalize(arrays["test_images"], "cpu"),
-                               arrays["test_labels"])
+    model, images = scratchvit.load_pretrained(), normalize(arrays["test_images"], "cpu")
+    report = evaluation_report(model, images, arrays["test_labels"], shift_average=True)
     assert report.images == provenance["test_images"]
     assert abs(report.correct - round(provenance["test_accuracy"] * report.images)) <= 2
     for measured, recorded, count in zip(report.per_class_accuracy, provenance["per_class_test_accuracy"],
                                          report.class_images):
         assert abs(measured - recorded) * count <= 2 + 1e-9
+    one_pass = evaluation_report(model, images, arrays["test_labels"])
+    assert abs(one_pass.correct - round(provenance["one_pass_test_accuracy"] * report.images)) <= 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,6 +336,12 @@ def test_the_export_command_records_the_run_and_reuses_what_it_was_given_for_the
     assert record["wall_seconds"] == metrics[-1]["wall_seconds"] and record["epoch"] == 1
     assert record["test_images"] == 10 and record["validation_accuracy"] is None
     assert [sample["label"] for sample in record["samples"]] == list(range(10))
+    # the samples' probabilities: the exported file's, as predict answers by default
+    model, _ = load_trained_model(out_dir / PRETRAINED_PATH.name)
+    arrays = load_mnist(str(sample_dataset), download=False)
+    averaged = probabilities(model, to_model_input(numpy.stack([mnist_style(image) for image in arrays["test_images"]])))
+    numpy.testing.assert_allclose([sample["probability"] for sample in record["samples"]],
+                                  averaged.max(axis=1), rtol=1e-6)
     before = {name: (out_dir / name).read_bytes() for name in (PRETRAINED_PATH.name, PROVENANCE_PATH.name)}
     again = run_module([REPO_ROOT / "tools" / "ship_model.py", finished_run, "--data-dir", sample_dataset,
                         "--out-dir", out_dir], cwd=tmp_path)
@@ -320,6 +350,28 @@ def test_the_export_command_records_the_run_and_reuses_what_it_was_given_for_the
     elsewhere = run_module([REPO_ROOT / "tools" / "ship_model.py", finished_run, "--data-dir", sample_dataset,
                             "--out-dir", tmp_path / "elsewhere"], cwd=tmp_path)
     assert elsewhere.returncode == 1 and elsewhere.stderr.count("\n") == 1 and "--command" in elsewhere.stderr
+
+
+@needs_pillow
+def test_the_export_records_the_shift_averaged_accuracy_and_the_one_pass_one_beside_it(finished_run, tmp_path):
+    """On test images where the two ways disagree (noise, labelled with the one-pass answer), the record
+    says which is which: one_pass_test_accuracy 1, test_accuracy lower by the images that differ."""
+    model, _ = load_trained_model(finished_run)
+    noise = numpy.zeros((200, 28, 28), dtype=numpy.uint8)
+    # inside a black frame, or the preprocessing finds no background to tell ink from
+    noise[:, 3:-3, 3:-3] = numpy.random.default_rng(0).integers(0, 256, size=(200, 22, 22))
+    inputs = normalize(noise, "cpu")
+    one_pass = probabilities(model, inputs, shift_average=False).argmax(axis=1)
+    differ = int((probabilities(model, inputs).argmax(axis=1) != one_pass).sum())
+    assert differ > 0
+    data_dir = tmp_path / "noise"
+    data_dir.mkdir()
+    for split in ("train", "test"):
+        write_idx(data_dir / MNIST_FILES[f"{split}_images"], noise)
+        write_idx(data_dir / MNIST_FILES[f"{split}_labels"], one_pass.astype(numpy.uint8))
+    record = ship_model.ship(finished_run, data_dir, tmp_path / "out", **GIVEN)
+    assert record["one_pass_test_accuracy"] == 1.0
+    assert record["test_accuracy"] == (200 - differ) / 200
 
 
 @needs_pillow

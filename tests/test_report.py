@@ -19,7 +19,8 @@ from scratchvit.layers.softmax import softmax_simple
 from scratchvit.report import (MISTAKES_IN_JSON, EvaluationReport, evaluation_report, json_text,
                                write_report_json)
 from scratchvit.config import TrainConfig
-from scratchvit.evaluation import evaluate, report_checkpoint
+from scratchvit.evaluation import ONE_PASS_TEXT, SHIFT_AVERAGE_TEXT, evaluate, load_for_evaluation, report_checkpoint
+from scratchvit.shift_average import shift_averaged_probabilities
 from test_train import (CLASSES, HAS_MATPLOTLIB, IMAGE_SIZE, TINY_MODEL, TINY_MODEL_ARGS, assert_one_line_error,
                         cli, read_metrics, saved_model_accuracy, write_dataset)
 
@@ -193,6 +194,24 @@ def test_the_report_of_a_vit_agrees_with_evaluate(backend):
     assert report.accuracy == evaluate(model, images, backend.asarray(labels), batch_size=10)
 
 
+def test_the_shift_averaged_report_is_of_the_averaged_probabilities(backend):
+    """shift_average=True: predictions, probabilities and counts of shift_average.py's average (tested
+    there against its own oracle), not of one pass; the model's mode restored."""
+    rng = numpy.random.default_rng(3)
+    model = ViT(image_size=IMAGE_SIZE, num_classes=5, dropout=0.2, seed=1, dtype="float64", **TINY_MODEL)
+    model.to(backend)
+    images = backend.asarray(rng.standard_normal((37, 1, IMAGE_SIZE, IMAGE_SIZE)))
+    labels = rng.integers(0, 5, size=37)
+    report = evaluation_report(model, images, backend.asarray(labels), batch_size=10, shift_average=True)
+    assert model.training
+    averaged = to_host(shift_averaged_probabilities(model, images, batch_size=10))
+    numpy.testing.assert_allclose(report.probabilities, averaged, rtol=1e-12)
+    numpy.testing.assert_array_equal(report.predictions, averaged.argmax(axis=1))
+    numpy.testing.assert_array_equal(report.confusion, confusion_by_hand(labels, averaged.argmax(axis=1), 5))
+    one_pass = evaluation_report(model, images, backend.asarray(labels), batch_size=10)
+    assert numpy.abs(report.probabilities - one_pass.probabilities).max() > 1e-6     # the check above tells them apart
+
+
 # ------------------------------------------------------------------------------------------------
 # the JSON file and the table
 
@@ -272,11 +291,13 @@ def trained(dataset, tmp_path_factory):
 
 
 def test_cli_eval_only_prints_the_report_and_writes_it_as_json(dataset, trained):
+    """--no-shift-average: the report of one forward pass, whose accuracy is the one training printed."""
     checkpoint = trained / "checkpoint.npz"
-    result = cli("--data-dir", dataset, "--eval-only", "--checkpoint", checkpoint, *TINY_MODEL_ARGS)
+    result = cli("--data-dir", dataset, "--eval-only", "--no-shift-average", "--checkpoint", checkpoint,
+                 *TINY_MODEL_ARGS)
     assert result.returncode == 0, result.stderr
     accuracy = read_metrics(trained)[-1]["test_accuracy"]
-    assert f"test accuracy {accuracy:.2%}" in result.stdout                  # the line training printed
+    assert f"test accuracy {accuracy:.2%} ({checkpoint}" in result.stdout          # the line training printed
 
     document = json.loads((trained / "evaluation.json").read_text())
     counts = numpy.array(document["confusion_matrix"]["counts"])
@@ -289,6 +310,7 @@ def test_cli_eval_only_prints_the_report_and_writes_it_as_json(dataset, trained)
         assert document["per_class_accuracy"][true] == expected
     assert document["per_class_accuracy"][CLASSES:] == [None] * (10 - CLASSES)
     assert document["checkpoint"] == str(checkpoint) and document["epoch"] == 3
+    assert document["prediction"] == ONE_PASS_TEXT and "one_pass_accuracy" not in document
 
     # the printed table: the same counts, in the same places
     lines = result.stdout.splitlines()
@@ -298,20 +320,50 @@ def test_cli_eval_only_prints_the_report_and_writes_it_as_json(dataset, trained)
     assert "evaluation.json" in result.stdout
 
 
+def test_cli_eval_only_reports_the_shift_average_with_the_one_pass_accuracy_beside_it(dataset, trained):
+    """By default the report is of the predictions predict gives (the shift average), and the line also
+    says the accuracy training printed, in one pass, so the two numbers are never confused."""
+    checkpoint = trained / "checkpoint.npz"
+    result = cli("--data-dir", dataset, "--eval-only", "--checkpoint", checkpoint, *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    config = TrainConfig(data_dir=str(dataset), **TINY_MODEL)
+    _, model, data = load_for_evaluation(checkpoint, config)
+    expected = evaluation_report(model, data["test_images"], data["test_labels"], shift_average=True)
+    one_pass = read_metrics(trained)[-1]["test_accuracy"]
+    assert expected.accuracy != one_pass                 # the two figures differ here, so the check below tells them apart
+    assert (f"test accuracy {expected.accuracy:.2%} averaged over the image and its 8 one-pixel shifts; "
+            f"{one_pass:.2%} in one forward pass") in result.stdout, result.stdout
+    document = json.loads((trained / "evaluation.json").read_text())
+    assert document["confusion_matrix"]["counts"] == expected.confusion.tolist()
+    assert document["accuracy"] == expected.accuracy and document["one_pass_accuracy"] == one_pass
+    assert document["prediction"] == SHIFT_AVERAGE_TEXT
+
+
+def test_cli_shift_average_options_without_eval_only_are_refused(dataset, tmp_path):
+    """Training evaluates each epoch in one pass: the option there would be a promise not kept."""
+    for option in ("--shift-average", "--no-shift-average"):
+        result = cli("--data-dir", dataset, "--out-dir", tmp_path / "out", option, *TINY_MODEL_ARGS)
+        assert result.returncode == 2 and "go with --eval-only" in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_report_checkpoint_from_python_matches_evaluate(dataset, trained, tmp_path):
-    """The report is callable from Python, writes beside the checkpoint wherever that is, and its
-    accuracy is the one training measures (evaluation.evaluate on the same saved model)."""
+    """The report is callable from Python, writes beside the checkpoint wherever that is, and in one
+    pass its accuracy is the one training measures (evaluation.evaluate on the same saved model)."""
     checkpoint = tmp_path / "copy" / "model.npz"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes((trained / "checkpoint.npz").read_bytes())
     config = TrainConfig(data_dir=str(dataset), **TINY_MODEL)
     lines = []
-    report = report_checkpoint(checkpoint, config, log=lines.append)
+    report = report_checkpoint(checkpoint, config, shift_average=False, log=lines.append)
     assert isinstance(report, EvaluationReport)
     assert report.accuracy == saved_model_accuracy(checkpoint, config)
     assert report.table() in lines
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["evaluation.json", "model.npz"]
     assert json.loads((checkpoint.parent / "evaluation.json").read_text())["correct"] == report.correct
+    averaged = report_checkpoint(checkpoint, config, log=lines.append)
+    document = json.loads((checkpoint.parent / "evaluation.json").read_text())
+    assert document["correct"] == averaged.correct and document["one_pass_accuracy"] == report.accuracy
 
 
 def test_cli_eval_only_that_cannot_write_its_report_is_a_one_line_error(dataset, trained, tmp_path):

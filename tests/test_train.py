@@ -301,10 +301,14 @@ def test_cli_short_run_succeeds_and_writes_metrics(cli_run):
 
 def test_cli_eval_only_prints_the_test_accuracy_of_the_checkpoint(dataset, cli_run):
     _, out_dir = cli_run
+    accuracy = read_metrics(out_dir)[-1]["test_accuracy"]
     result = cli("--data-dir", dataset, "--eval-only", "--checkpoint", out_dir / "checkpoint.npz", *TINY_MODEL_ARGS)
     assert result.returncode == 0, result.stderr
-    expected = f"test accuracy {read_metrics(out_dir)[-1]['test_accuracy']:.2%}"
-    assert expected in result.stdout, result.stdout
+    assert f"; {accuracy:.2%} in one forward pass, as training measures it" in result.stdout, result.stdout
+    result = cli("--data-dir", dataset, "--eval-only", "--no-shift-average", "--checkpoint", out_dir / "checkpoint.npz",
+                 *TINY_MODEL_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert f"test accuracy {accuracy:.2%} (" in result.stdout, result.stdout
 
 
 def test_cli_eval_only_with_another_dim_is_a_one_line_error(dataset, cli_run):

@@ -5,7 +5,8 @@ images the runs get wrong overlap.
     python tools/held_out_errors.py runs/a/checkpoint.npz runs/b/checkpoint.npz --data-dir ../shared/data/mnist
 
 Test-time augmentation here is the class probabilities averaged over the image and its 1-pixel
-shifts: "cross" the 4 shifts up, down, left and right (5 images), "square" all 8 neighbours (9).
+shifts (scratchvit/shift_average.py): "cross" the 4 shifts up, down, left and right (5 images),
+"square" all 8 neighbours (9), which predict, the demo and --eval-only use by default.
 Each model is evaluated as training evaluates it (the weight average where the run kept one, eval
 mode) on the images training held out: the last N of the training file (config.load_data), so
 "plain" is the run's last validation and test accuracy in its metrics.jsonl. Runs that held out
@@ -29,15 +30,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:            # run as `python tools/held_out_errors.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from scratchvit.backend import get_backend  # noqa: E402
+from scratchvit.backend import get_backend, to_host  # noqa: E402
 from scratchvit.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from scratchvit.config import ConfigError, TrainConfig, load_data  # noqa: E402
-from scratchvit.data import DataError, atomic_write_bytes, shift_images  # noqa: E402
-from scratchvit.predict import load_trained_model, probabilities  # noqa: E402
+from scratchvit.data import DataError, atomic_write_bytes  # noqa: E402
+from scratchvit.predict import load_trained_model  # noqa: E402
+from scratchvit.shift_average import NO_SHIFT, ONE_PIXEL_SHIFTS, shift_averaged_probabilities  # noqa: E402
 
 CROSS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
-SQUARE = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
-SHIFT_SETS = {"plain": ((0, 0),), "cross": CROSS, "square": SQUARE}
+SHIFT_SETS = {"plain": NO_SHIFT, "cross": CROSS, "square": ONE_PIXEL_SHIFTS}
 SPLITS = ("validation", "test")
 BATCH_SIZE = 500
 
@@ -46,20 +47,9 @@ class HeldOutError(RuntimeError):
     """Runs that held out different validation images: their errors cannot be compared."""
 
 
-def averaged_probabilities(model, images, shifts, batch_size=BATCH_SIZE):
-    """(B, K): the model's class probabilities for (B, 1, H, W) `images`, averaged over the copies of
-    the images moved by each (dy, dx) of `shifts` (shift_images: a positive dy moves the content down)."""
-    total = 0.0
-    for shift in shifts:
-        moved = images if shift == (0, 0) else shift_images(images, numpy.tile(shift, (images.shape[0], 1)))
-        total = total + numpy.concatenate([probabilities(model, moved[start:start + batch_size])
-                                           for start in range(0, images.shape[0], batch_size)])
-    return total / len(shifts)
-
-
 def misclassified(model, images, labels, shifts):
     """Sorted indices of the images whose most probable class (averaged over `shifts`) is not the label."""
-    predicted = averaged_probabilities(model, images, shifts).argmax(axis=1)
+    predicted = to_host(shift_averaged_probabilities(model, images, shifts, BATCH_SIZE)).argmax(axis=1)
     return numpy.flatnonzero(predicted != numpy.asarray(labels)).tolist()
 
 

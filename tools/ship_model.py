@@ -17,10 +17,12 @@ the shipped file against a checkpoint trained again with its command:
 The JSON records, besides those three: the seed, epoch and model configuration (from the checkpoint's
 meta), the run's wall time (metrics.jsonl beside the checkpoint, its last epoch's wall_seconds), the
 test accuracy overall and per class (report.evaluation_report on the MNIST test set, of the file just
-written), the validation accuracy (null when the run held no image out, with a note saying so), and ten
-sample digits: the first test image of each class, as 28x28 grey levels, with the class and probability
-the shipped model gives it through predict's pipeline (preprocess.mnist_style, then the forward pass),
-which is what `python -m scratchvit.predict` answers for a PNG of that image. tests/test_pretrained.py
+written, predicting as the commands do by default: averaged over each image's shifts, shift_average.py)
+and in one forward pass, the validation accuracy (null when the run held no image out, with a note
+saying so), and ten sample digits: the first test image of each class, as 28x28 grey levels, with the
+class and probability the shipped model gives it through predict's pipeline (preprocess.mnist_style,
+then the shift-averaged forward passes), which is what `python -m scratchvit.predict` answers for a PNG
+of that image. tests/test_pretrained.py
 checks every one of these against the files.
 
 Errors are one line on stderr, `error: ...`, exit status 1 (2 for a bad option).
@@ -39,6 +41,7 @@ if str(REPO_ROOT) not in sys.path:            # run as `python tools/ship_model.
 
 from scratchvit.checkpoint import CheckpointError, inference_checkpoint_bytes, load_checkpoint  # noqa: E402
 from scratchvit.data import DataError, atomic_write_bytes, load_mnist, normalize  # noqa: E402
+from scratchvit.evaluation import SHIFT_AVERAGE_TEXT  # noqa: E402
 from scratchvit.predict import load_trained_model, probabilities  # noqa: E402
 from scratchvit.preprocess import PILLOW_HINT, mnist_style, pillow_available, to_model_input  # noqa: E402
 from scratchvit.pretrained import PRETRAINED_PATH, PROVENANCE_FORMAT, PROVENANCE_PATH  # noqa: E402
@@ -84,7 +87,9 @@ def first_of_each_class(labels):
 
 def provenance(model, meta, metrics, test_images, test_labels, *, sha256, given, eval_batch_size=500):
     """The JSON-ready provenance of the shipped `model` (see the module docstring)."""
-    report = evaluation_report(model, normalize(test_images, "cpu"), test_labels, eval_batch_size)
+    inputs = normalize(test_images, "cpu")
+    report = evaluation_report(model, inputs, test_labels, eval_batch_size, shift_average=True)
+    one_pass = evaluation_report(model, inputs, test_labels, eval_batch_size, shift_average=False)
     samples = []
     for label, index in first_of_each_class(test_labels):
         image = test_images[index]
@@ -93,8 +98,11 @@ def provenance(model, meta, metrics, test_images, test_labels, *, sha256, given,
         samples.append(dict(test_index=index, label=label, predicted_class=predicted,
                             probability=float(row[predicted]), image=image.tolist()))
     validation = meta["train_config"].get("validation", 0)
-    notes = [f"test accuracy: the shipped file on the {report.images:,} test images (report.evaluation_report); "
-             f"wall time: the run's wall_seconds at its last epoch (metrics.jsonl)",
+    notes = [f"test accuracy: the shipped file on the {report.images:,} test images (report.evaluation_report), "
+             f"predicting as predict, the demo and --eval-only do by default: the class probabilities averaged "
+             f"over the image and its 8 one-pixel shifts (scratchvit/shift_average.py); one_pass_test_accuracy: "
+             f"one forward pass per image, as training measures it (and the validation accuracy is measured)",
+             "wall time: the run's wall_seconds at its last epoch (metrics.jsonl)",
              "samples: the first test image of each class; predicted_class and probability are what "
              "`python -m scratchvit.predict` gives for a PNG of that image (preprocess.mnist_style first)"]
     if validation:
@@ -106,9 +114,10 @@ def provenance(model, meta, metrics, test_images, test_labels, *, sha256, given,
     return dict(format=PROVENANCE_FORMAT, model_file=PRETRAINED_PATH.name, sha256=sha256, **given,
                 seed=meta["train_config"]["seed"], epoch=meta["epoch"], wall_seconds=metrics.get("wall_seconds"),
                 parameters=parameter_count(**meta["model_config"]), model_config=meta["model_config"],
-                test_images=report.images, test_accuracy=report.accuracy,
+                prediction=SHIFT_AVERAGE_TEXT, test_images=report.images, test_accuracy=report.accuracy,
                 per_class_test_accuracy=[None if numpy.isnan(value) else float(value)
                                          for value in report.per_class_accuracy],
+                one_pass_test_accuracy=one_pass.accuracy,
                 validation_images=validation, validation_accuracy=validation_accuracy, notes=notes,
                 samples=samples)
 

@@ -1,4 +1,5 @@
-"""`python -m scratchvit.demo [--checkpoint CHECKPOINT] [--port 8000] [--host 127.0.0.1] [--device cpu|gpu]`
+"""`python -m scratchvit.demo [--checkpoint CHECKPOINT] [--port 8000] [--host 127.0.0.1] [--device cpu|gpu]
+[--no-shift-average]`
 
 Parses the options, loads the model and serves the page until Ctrl-C; without --checkpoint, the model
 shipped in the package (scratchvit/pretrained.py), which the first line names. Errors a user can fix are one
@@ -23,6 +24,10 @@ def build_parser():
     parser.add_argument("--host", default="127.0.0.1",
                         help="the interface to listen on (0.0.0.0: every interface, reachable from other machines)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--shift-average", action=argparse.BooleanOptionalAction, default=True,
+                        help="answer the class probabilities averaged over the drawing and its eight one-pixel "
+                             "shifts, as predict does; --no-shift-average: of the drawing alone, one forward pass "
+                             "(the attention maps are the drawing's either way)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     return parser
 
@@ -52,7 +57,7 @@ def main(argv=None):
     except CheckpointError as error:
         return _error(error, 1)
     try:
-        demo = Demo(model)
+        demo = Demo(model, shift_average=args.shift_average)
     except ImportError as error:        # the preprocessing's Pillow; its message says what to install
         return _error(error, 2)
     try:
@@ -64,7 +69,7 @@ def main(argv=None):
     # them on the way out is bounded (server_close, demo.close), so Ctrl-C ends the process even with
     # a slow client or a forward pass in progress.
     try:
-        model_text = f"model from {checkpoint}" if args.checkpoint else shipped_model_line()
+        model_text = f"model from {checkpoint}" if args.checkpoint else shipped_model_line(args.shift_average)
         print(f"scratchvit demo: {server.url}  ({model_text}; Ctrl-C stops)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"note: listening on {args.host}: whoever can reach this port can use the page; it answers "

@@ -11,10 +11,13 @@ Request (POST /api/predict, JSON):
 
 Answer (200, JSON), with grid = image_size / patch_size (7 for the MNIST models):
     {"blank": false,
-     "probabilities": [10 floats summing to 1], "prediction": the most probable class,
+     "probabilities": [10 floats summing to 1], averaged over the drawing and its eight one-pixel
+                      shifts as predict answers (shift_average.py), or of the drawing alone with
+                      Demo(model, shift_average=False),
+     "prediction": the most probable class,
      "input": 28 x 28 ints 0..255, the preprocessed drawing the model sees (ink bright, as in MNIST),
-     "rollout": grid x grid, the attention rollout over the patches (attention_maps.py),
-     "heads": H x grid x grid, the CLS token's attention over the patches in each head of `layer`,
+     "rollout": grid x grid, the attention rollout over the patches (attention_maps.py), of the drawing,
+     "heads": H x grid x grid, the CLS token's attention over the patches in each head of `layer`, of the drawing,
      "layer": L, "num_layers": ..., "num_heads": ..., "grid": ..., "classes": ["0", ..., "9"]}
 A drawing with no ink (an empty canvas, after Clear) is an ordinary state of the page, not a mistake
 in the request, so it is answered 200 with {"blank": true, "message": "...", ...the model's sizes}
@@ -32,7 +35,7 @@ import numpy
 
 from ..attention_maps import inspect
 from ..backend import is_gpu_array
-from ..predict import model_backend
+from ..predict import model_backend, probabilities
 from ..preprocess import BlankImage, mnist_style, to_model_input
 
 MIN_SIDE = 8            # a drawing smaller than this cannot hold a readable digit
@@ -156,13 +159,15 @@ class ModelThread:
 class Demo:
     """A trained model on its own thread (ModelThread), answering drawings.
 
-    Preprocessing and JSON work stay on the caller's thread; only the forward pass and what it
-    touches on the device (the upload of the drawing, the copy of the answer back) go to the model
+    Preprocessing and JSON work stay on the caller's thread; only the forward passes and what they
+    touch on the device (the upload of the drawing, the copy of the answer back) go to the model
     thread. `wait_s` bounds how long a request waits for it (RequestError 503 after that). One Demo
-    per model: two Demos would run the same model on two threads."""
+    per model: two Demos would run the same model on two threads. `shift_average`: the probabilities
+    averaged over the drawing's shifts (the default, as predict answers), or of the drawing alone."""
 
-    def __init__(self, model, *, wait_s=INFERENCE_WAIT_S):
+    def __init__(self, model, *, shift_average=True, wait_s=INFERENCE_WAIT_S):
         self.model = model
+        self.shift_average = shift_average
         self.wait_s = wait_s
         config = model.config
         self.num_layers = config["depth"]
@@ -190,13 +195,17 @@ class Demo:
         return dict(num_layers=self.num_layers, num_heads=self.num_heads, grid=self.grid, classes=self.classes)
 
     def _inspect(self, prepared):
-        """On the model thread: (28, 28) preprocessed drawing -> attention_maps.inspect's host arrays."""
+        """On the model thread: (28, 28) preprocessed drawing -> attention_maps.inspect's host arrays, the
+        probabilities averaged over the drawing's shifts where the Demo does (the maps stay the drawing's)."""
         weights = self.model.cls_token.data
         if is_gpu_array(weights):
             weights.device.use()      # the CUDA device is current per thread: the weights' one, on this thread
         images = to_model_input(prepared[None])                                           # (1, 1, 28, 28)
         images = model_backend(self.model).asarray(images)                                # onto the model's device
-        return inspect(self.model, images)
+        seen = inspect(self.model, images)
+        if self.shift_average:
+            seen["probabilities"] = probabilities(self.model, images)                    # (1, K), 9 images in one pass
+        return seen
 
     def predict(self, pixels, layer=None):
         """(H, W) grayscale 0..255 (a drawing) -> the answer dict of the module docstring."""
