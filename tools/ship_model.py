@@ -22,8 +22,7 @@ and in one forward pass, the validation accuracy (null when the run held no imag
 saying so), and ten sample digits: the first test image of each class, as 28x28 grey levels, with the
 class and probability the shipped model gives it through predict's pipeline (preprocess.mnist_style,
 then the shift-averaged forward passes), which is what `python -m scratchvit.predict` answers for a PNG
-of that image. tests/test_pretrained.py
-checks every one of these against the files.
+of that image. tests/test_pretrained.py checks every one of these against the files.
 
 Errors are one line on stderr, `error: ...`, exit status 1 (2 for a bad option).
 """
@@ -101,10 +100,11 @@ def provenance(model, meta, metrics, test_images, test_labels, *, sha256, given,
     notes = [f"test accuracy: the shipped file on the {report.images:,} test images (report.evaluation_report), "
              f"predicting as predict, the demo and --eval-only do by default: the class probabilities averaged "
              f"over the image and its 8 one-pixel shifts (scratchvit/shift_average.py); one_pass_test_accuracy: "
-             f"one forward pass per image, as training measures it (and the validation accuracy is measured)",
+             f"one forward pass per image, as training measures its test and validation accuracy",
              "wall time: the run's wall_seconds at its last epoch (metrics.jsonl)",
              "samples: the first test image of each class; predicted_class and probability are what "
-             "`python -m scratchvit.predict` gives for a PNG of that image (preprocess.mnist_style first)"]
+             "`python -m scratchvit.predict` gives for a PNG of that image (preprocess.mnist_style, then the "
+             "shift average)"]
     if validation:
         validation_accuracy = metrics.get("validation_accuracy")
     else:
