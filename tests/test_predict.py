@@ -7,7 +7,8 @@ only the preprocessing can bring it back. The checkpoint that run writes is what
 
 Each test is meant to fail for a realistic bug: an image prepared differently from what training saw
 (another normalisation, no rounding to uint8, no centring or scaling), probabilities that are not the
-softmax of the logits, a bad file or a bad checkpoint that stops the other images or ends in a traceback.
+softmax of the logits (or by default not their average over the nine 1-pixel shifts, or a CLI that
+ignores --no-shift-average), a bad file or a bad checkpoint that stops the other images or ends in a traceback.
 """
 import importlib.util
 import io
